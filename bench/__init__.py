@@ -1,0 +1,1 @@
+"""Kernel benchmark of LoRDS against bitsandbytes, cuBLAS, torch int4 and gemlite (see README.md)."""

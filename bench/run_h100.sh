@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one device command of the kernel benchmark: install the carried wheels, build the package in
+# place where setup.py exists, run the benchmark, leave JSON / PNG / logs under $OUT, print the table last.
+#
+#   bash bench/run_h100.sh --quick                  # anchor shapes and Ms (BENCHMARKING.md)
+#   bash bench/run_h100.sh                          # every shape and M
+#   bash bench/run_h100.sh --methods cublas,bnb_nf4 --shapes 4096x4096
+# Arguments go to `python -m bench.bench_kernels`. Environment:
+#   OUT                  results folder (the device tool sets it; default bench/results)
+#   LORDS_BUDGET_S       seconds the whole script may take before the benchmark stops timing new
+#                        cases and prints what it has (default 270)
+#   LORDS_BUILD_TIMEOUT  seconds for the extension build (default 150); LORDS_SKIP_BUILD=1 skips it
+#   LORDS_BENCH_PYTEST=1 also run a short pytest-benchmark pass (4096x4096) before the benchmark
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+BUDGET="${LORDS_BUDGET_S:-270}"
+START=$SECONDS
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+  --format=csv,noheader 2>&1 || true
+python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+
+echo "== wheels"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    ls .whl
+  else
+    echo "wheel install FAILED: bitsandbytes / gemlite will be reported as unavailable"
+  fi
+else
+  echo "no .whl folder carried: bitsandbytes / gemlite only if the image has them"
+fi
+
+if [ -f setup.py ] && [ "${LORDS_SKIP_BUILD:-0}" != 1 ]; then
+  echo "== build (python3 setup.py build_ext --inplace; log $OUT/build.log)"
+  if MAX_JOBS=16 timeout "${LORDS_BUILD_TIMEOUT:-150}" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    echo "build ok ($((SECONDS - START)) s so far)"
+  else
+    echo "build FAILED or timed out (rc $?): going on with the Triton / reference backends; last lines:"
+    tail -n 25 "$OUT/build.log"
+  fi
+fi
+
+echo "== lords_ext dispatch"
+python3 -c 'from lords_ext.backends import dispatch; print(dispatch.describe())' 2>&1 | tail -n 15 || true
+
+if [ "${LORDS_BENCH_PYTEST:-0}" = 1 ]; then
+  echo "== pytest-benchmark pass (log $OUT/pytest.log)"
+  LORDS_BENCH_MS=1,4096 timeout 90 python3 -m pytest bench/ --benchmark-only -q -rs -p no:cacheprovider \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest rc $?"
+  grep -E "passed|failed|error|SKIPPED|^LoRDS|^cuBLAS|^bnb|^x vs" "$OUT/pytest.log" | tail -n 16
+fi
+
+echo "== benchmark"
+LEFT=$((BUDGET - (SECONDS - START)))
+[ "$LEFT" -lt 30 ] && LEFT=30
+python3 -m bench.bench_kernels --out "$OUT/bench_kernels.json" --plot-dir "$OUT" --budget-s "$LEFT" "$@" \
+  2>&1 | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+echo "(run_h100.sh: $((SECONDS - START)) s in all, benchmark rc $rc)"
+exit "$rc"
