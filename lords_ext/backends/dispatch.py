@@ -1,0 +1,81 @@
+"""Which backend runs an op: the one documented policy.
+
+Order of decisions:
+1. `LORDS_BACKEND=cuda|triton|reference` forces a backend. If it cannot run the call (not built,
+   no GPU, unsupported dtype) that is an error, not a silent fallback: the user asked for it.
+2. CPU tensors run on the reference backend (Triton only when forced and TRITON_INTERPRET=1).
+3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
+   token count M that is available and supports the call; the reference backend closes every list.
+
+POLICY rows are (minimum compute capability, largest M, backends in order of preference). The first
+row whose capability is <= the GPU's and whose M bound is >= M applies. The order follows the H100
+measurements in bench/ (see the notes there); GPUs before sm_80 get no fused kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import available, get, names
+
+ENV = "LORDS_BACKEND"
+
+POLICY: list[tuple[tuple[int, int], int | None, tuple[str, ...]]] = [
+    ((8, 0), 16, ("cuda", "triton", "reference")),
+    ((8, 0), None, ("triton", "cuda", "reference")),
+    ((0, 0), None, ("reference",)),
+]
+
+
+def forced() -> str | None:
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in names():
+        raise ValueError(f"{ENV}: expected one of {names()}, got {value!r}")
+    return value
+
+
+def candidates(device: torch.device, M: int) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return ("reference",)
+    cc = torch.cuda.get_device_capability(device)
+    for min_cc, max_m, order in POLICY:
+        if cc >= min_cc and (max_m is None or M <= max_m):
+            return order
+    return ("reference",)
+
+
+def choose(op: str, t: torch.Tensor, M: int) -> str:
+    """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows."""
+    name = forced()
+    if name is not None:
+        mod = get(name)
+        if mod is None or not mod.available():
+            raise RuntimeError(f"{ENV}={name}: that backend is not available on this machine")
+        if not hasattr(mod, op) or not mod.supports(op, t, M):
+            raise RuntimeError(
+                f"{ENV}={name}: that backend does not support {op} for a {t.dtype} tensor on {t.device} (M={M})"
+            )
+        return name
+    for name in candidates(t.device, M):
+        mod = get(name)
+        if mod is not None and hasattr(mod, op) and mod.available() and mod.supports(op, t, M):
+            return name
+    return "reference"
+
+
+def describe(device: torch.device | None = None) -> str:
+    """The dispatch table for this machine as text (used by `lords selftest` and `lords info`)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    lines = [f"device: {device}" + (f" (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+                                    if device.type == "cuda" else "")]
+    lines.append("backends available: " + ", ".join(n for n in names() if available(n)))
+    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096):
+        lines.append(f"  dequant_matmul M={M:<5d} -> {choose('dequant_matmul', probe, M)}")
+    if forced():
+        lines.append(f"(forced by {ENV}={forced()})")
+    return "\n".join(lines)
