@@ -319,8 +319,10 @@ def gemlite_a16w4(N: int, K: int, device: torch.device, lw=None, seed: int = 5) 
         copies.append(layer)
         if i == 0:
             w0 = (q.float() - zeros.float().repeat_interleave(BLOCK, 1)) * scales.float().repeat_interleave(BLOCK, 1)
+    # tol: gemlite's split-K GEMV kernels (M <= 8) add partial sums into the bf16 output atomically;
+    # measured on the H100, 1.4e-2 to 2.0e-2 at M = 1..4 and 3e-3 from M = 64, against fp32.
     return Contender(key="gemlite", label="gemlite A16W4 g64", family="existing", bytes_per_copy=nbytes,
-                     copies=copies, call=lambda layer, x: layer(x), reference=_dense_reference(w0),
+                     copies=copies, call=lambda layer, x: layer(x), reference=_dense_reference(w0), tol=5e-2,
                      note=f"gemlite {getattr(gemlite, '__version__', '?')} A16W4_HQQ_INT, group {BLOCK}")
 
 
