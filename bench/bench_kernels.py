@@ -67,8 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rotation-mb", type=float, default=timing.MIN_ROTATION_BYTES / 1e6,
                    help="distinct weight MB per replay (the method needs >= 240; lower only for smoke tests)")
     args = p.parse_args(argv)
-    args.shape_list = [parse_shape(s) for s in args.shapes.split(",")] if args.shapes else \
-        list(QUICK_SHAPES if args.quick else SHAPES)
+    try:
+        args.shape_list = [parse_shape(s) for s in args.shapes.split(",")] if args.shapes else \
+            list(QUICK_SHAPES if args.quick else SHAPES)
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"--shapes: {exc}")
     try:
         args.m_list = [int(m) for m in args.ms.split(",")] if args.ms else list(QUICK_MS if args.quick else MS)
     except ValueError:
@@ -189,7 +192,8 @@ def run(args) -> dict[str, Any]:
     for shape in args.shape_list:
         N, K = shape
         name = f"{N}x{K}"
-        print(f"== {name}: building weights ({timing.rotation_bytes() / 1e6:.0f} MB rotation per method)")
+        print(f"== {name}: building weights ({timing.rotation_bytes() / 1e6:.0f} MB rotation per method, "
+              f"{time.monotonic() - t_start:.0f} s elapsed)")
         lw_cache: dict[str, methods.LordsWeights] = {}
 
         def lords_weights(N=N, K=K):
@@ -218,6 +222,7 @@ def run(args) -> dict[str, Any]:
             floors[name] = measure_floor(shape, floor_variants, args.target_s, device)
             del floor_variants
         for M in args.m_list:
+            print(f"-- {name} M={M} ({time.monotonic() - t_start:.0f} s elapsed)")
             gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + M * 7919 + N + K)
             x = torch.randn(M, K, device=device, generator=gen).to(methods.DTYPE)
             for c in contenders:
