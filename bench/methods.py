@@ -351,7 +351,7 @@ def _read_kernel():
 
 
 # (words per load step, steps per program, warps): measured all, the fastest is the floor.
-FLOOR_CONFIGS = ((1024, 4, 4), (2048, 4, 8), (4096, 4, 8), (2048, 8, 8))
+FLOOR_CONFIGS = ((1024, 4, 4), (2048, 4, 8), (4096, 4, 8), (2048, 8, 8), (1024, 2, 4), (2048, 2, 8), (512, 4, 4))
 
 
 def _check_block_max(out: torch.Tensor, buf: torch.Tensor, span: int) -> bool:
