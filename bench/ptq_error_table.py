@@ -34,21 +34,23 @@ def minilm_matrices() -> dict[str, torch.Tensor]:
 
 
 def run(mats, bits_list, block, variants):
+    mk = lambda **kw: (lambda W, b: lords_ext.quantize_weight(W, lords_ext.LordsConfig(bits=b, block=block, **kw)))
     cases = {
         "NF absmax": lambda W, b: lords_ext.blockwise_quantize(W, bits=b, block=block),
         "NF searched": lambda W, b: lords_ext.blockwise_quantize(W, bits=b, block=block, search=True),
-        "LoRDS init": lambda W, b: lords_ext.quantize_weight(W, lords_ext.LordsConfig(bits=b, block=block, steps=0)),
-        "LoRDS refined": lambda W, b: lords_ext.quantize_weight(W, lords_ext.LordsConfig(bits=b, block=block)),
+        "LoRDS init (paper: absmax)": mk(steps=0, init_scales="absmax"),
+        "LoRDS init (searched)": mk(steps=0),
+        "LoRDS refined (default)": mk(),
+        "LoRDS refined + learned codebook": mk(learn_codebook=True),
     }
     if variants:
-        mk = lambda **kw: (lambda W, b: lords_ext.quantize_weight(W, lords_ext.LordsConfig(bits=b, block=block, **kw)))
         cases |= {
-            "init absmax (paper)": mk(steps=0, init_scales="absmax"),
             "init exact K/r absmax": mk(steps=0, init="exact", init_scales="absmax"),
-            "init exact K/r search": mk(steps=0, init="exact"),
-            "paper: absmax + adam 500 lr1e-3": mk(init_scales="absmax", optimizer="adam", steps=500, lr=1e-3, patience=500),
-            "adam 300 lr2e-2": mk(optimizer="adam", steps=300, patience=300),
-            "als exact-init": mk(init="exact"),
+            "init exact K/r searched": mk(steps=0, init="exact"),
+            "ALS from exact K/r init": mk(init="exact"),
+            "adam 300 lr2e-2 cosine": mk(optimizer="adam", steps=300, patience=300),
+            "paper: absmax init + adam 500 lr1e-3": mk(init_scales="absmax", optimizer="adam", steps=500, lr=1e-3,
+                                                      patience=500),
         }
     rows = []
     for b in bits_list:
@@ -62,6 +64,7 @@ def run(mats, bits_list, block, variants):
             rows.append({"bits": b, "method": name, "mean_rel_error": sum(errs) / len(errs),
                          "bits_per_weight": sum(bpw) / len(bpw), "seconds": time.perf_counter() - t0,
                          "per_matrix": errs})
+            print(f"  {b}-bit {name}: {rows[-1]['mean_rel_error']:.4f} ({rows[-1]['seconds']:.1f} s)", flush=True)
     return rows
 
 
@@ -71,9 +74,11 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--every", type=int, default=1, help="use every n-th matrix (quick runs)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     mats = minilm_matrices()
+    mats = {k: mats[k] for k in sorted(mats)[::args.every]}
     rows = run(mats, args.bits, args.block, args.variants)
     dev = "cpu"
     print(f"\nall-MiniLM-L6-v2, {len(mats)} matrices, block {args.block}, device {dev}, torch {torch.__version__}")

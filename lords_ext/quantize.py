@@ -214,6 +214,8 @@ class LordsConfig:
     init_scales: "absmax" (the paper) or "search" (per-block MSE clipping search before the SVD).
     steps, lr, optimizer: refinement iterations; "als" = exact alternating weighted least squares on
       B and A (lr unused), "adam" = Adam steps on (B, A) with cosine-decayed lr. steps=0: init only.
+    learn_codebook: with "als", also fit the 2**bits levels to this weight (Lloyd's update under the
+      per-element scales; 2**bits extra floats per layer, stored as a custom codebook).
     patience, tol: stop when the loss has not improved by a relative `tol` for `patience` iterations.
     """
     bits: int = 4
@@ -225,6 +227,7 @@ class LordsConfig:
     steps: int = 100
     lr: float = 2e-2
     optimizer: str = "als"
+    learn_codebook: bool = False
     patience: int = 10
     tol: float = 1e-4
     search_grid: int = 20
@@ -292,6 +295,20 @@ def _als_step(W: torch.Tensor, C: torch.Tensor, B: torch.Tensor, A: torch.Tensor
     return B, A
 
 
+def _codebook_step(W, codes, S, cb, B):
+    """Exact minimizer of ||cb[Q] * S - W||^2 over the levels (Lloyd's update with per-element
+    scales): level q = sum_{Q=q} S W / sum_{Q=q} S^2. Levels are then sorted (nearest-level codes
+    need it) and rescaled to max |level| = 1, the factor moving into B so the product is unchanged."""
+    idx = codes.long().flatten()
+    num = torch.zeros_like(cb).index_add_(0, idx, (S * W).flatten())
+    den = torch.zeros_like(cb).index_add_(0, idx, (S * S).flatten())
+    new = torch.where(den > 0, num / den.clamp_min(1e-30), cb).sort().values
+    if bool((new[1:] <= new[:-1]).any()):  # two levels collapsed: keep the old codebook this round
+        return cb, B
+    m = new.abs().max()
+    return new / m, B * m
+
+
 def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: torch.Tensor | None = None,
                     **overrides) -> LordsQuantized:
     """Quantize one [N, K] weight with LoRDS; see LordsConfig. `hessian` ([K, K], X^T X of the
@@ -317,14 +334,14 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
     B, A = B.to(Wf.device), A.to(Wf.device)
     H = _check_hessian(hessian, K, Wf.device) if hessian is not None else None
 
-    def assign(B, A):
+    def assign(B, A, cb):
         codes = nearest_level(Wf / _safe_divisor(B @ A), cb)
         return codes, cb[codes.long()]
 
-    codes, C = assign(B, A)
+    codes, C = assign(B, A, cb)
     norm = (Wf @ H * Wf).sum() if H is not None else Wf.square().sum()
     init_loss = float(_loss(Wf, C, B, A, H) / norm)
-    best = (init_loss, codes, B, A)
+    best = (init_loss, codes, B, A, cb)
     history = [init_loss]
     stale = 0
     if cfg.steps and (cfg.optimizer == "adam" or H is not None):  # ALS has no closed form under H
@@ -342,30 +359,35 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
             opt.step()
             sched.step()
             with torch.no_grad():
-                codes, C = assign(Bp, Ap)
+                codes, C = assign(Bp, Ap, cb)
                 cur = float(_loss(Wf, C, Bp, Ap, H) / norm)
             history.append(cur)
             if cur < best[0] * (1 - cfg.tol):
-                best, stale = (cur, codes, Bp.detach().clone(), Ap.detach().clone()), 0
+                best, stale = (cur, codes, Bp.detach().clone(), Ap.detach().clone(), cb), 0
             else:
                 if cur < best[0]:
-                    best = (cur, codes, Bp.detach().clone(), Ap.detach().clone())
+                    best = (cur, codes, Bp.detach().clone(), Ap.detach().clone(), cb)
                 stale += 1
                 if stale >= cfg.patience:
                     break
     elif cfg.steps:
         for _ in range(cfg.steps):
             B, A = _als_step(Wf, C, B, A)
-            codes, C = assign(B, A)
+            codes, C = assign(B, A, cb)
+            if cfg.learn_codebook:
+                cb, B = _codebook_step(Wf, codes, B @ A, cb, B)
+                codes, C = assign(B, A, cb)
             cur = float(_loss(Wf, C, B, A, None) / norm)
             history.append(cur)
             improved = cur < best[0] * (1 - cfg.tol)
             if cur < best[0]:
-                best = (cur, codes, B, A)
+                best = (cur, codes, B, A, cb)
             stale = 0 if improved else stale + 1
             if stale >= cfg.patience:
                 break
-    _, codes, B, A = best
+    _, codes, B, A, cb = best
+    if cfg.learn_codebook:
+        cb_name = "learned"
     out = LordsQuantized(pack(codes, cfg.bits), B.contiguous(), A.contiguous(), cb, cfg.bits, cb_name)
     out.rel_error = relative_error(Wf, out.dequantize())
     out.stats = {
