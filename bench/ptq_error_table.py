@@ -48,6 +48,8 @@ def run(mats, bits_list, block, variants):
             "init exact K/r absmax": mk(steps=0, init="exact", init_scales="absmax"),
             "init exact K/r searched": mk(steps=0, init="exact"),
             "ALS from exact K/r init": mk(init="exact"),
+            "ALS from absmax block init": mk(init_scales="absmax"),
+            "ALS, patience 30, 300 steps": mk(steps=300, patience=30),
             "adam 300 lr2e-2 cosine": mk(optimizer="adam", steps=300, patience=300),
             "paper: absmax init + adam 500 lr1e-3": mk(init_scales="absmax", optimizer="adam", steps=500, lr=1e-3,
                                                       patience=500),
