@@ -104,6 +104,8 @@ def _config_from_args(a, bits=None, steps=None):
     bits = bits if bits is not None else a.bits
     kw = dict(bits=bits, codebook=a.codebook or f"nf{bits}", block=a.block, rank=a.rank,
               steps=a.steps if steps is None else steps)
+    if getattr(a, "learn_codebook", False):
+        kw["learn_codebook"] = True
     for name in ("init", "init_scales", "lr", "optimizer"):
         v = getattr(a, name, None)
         if v is not None:
@@ -350,6 +352,8 @@ def _add_quant_args(p, steps_default):
     p.add_argument("--optimizer", choices=("als", "adam"), default=None)
     p.add_argument("--steps", type=int, default=steps_default)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--learn-codebook", dest="learn_codebook", action="store_true",
+                   help="also fit the 2**bits levels per layer (ALS refinement only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

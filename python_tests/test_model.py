@@ -160,6 +160,20 @@ def test_quantize_save_load_round_trip_is_bit_identical(tmp_path, bits):
         assert torch.equal(loaded(input_ids=ids).logits, out)
 
 
+def test_round_trip_with_learned_per_layer_codebooks(tmp_path):
+    model = tiny_llama(seed=21, layers=1)
+    quantize_model(model, LordsConfig(bits=3, steps=3, learn_codebook=True), progress=False, device="cpu")
+    q = model.model.layers[0].mlp.down_proj
+    assert not torch.equal(q.codebook, model.model.layers[0].self_attn.q_proj.codebook)  # fitted per layer
+    ids = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    loaded = load_quantized(save_quantized(model, tmp_path / "q"))
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.codebook, q.codebook)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, out)
+
+
 def test_untied_model_and_skip_patterns(tmp_path):
     model = tiny_llama(seed=5, tie=False)
     quantize_model(model, LordsConfig(bits=4, steps=0), skip=("lm_head", "*.o_proj"), progress=False, device="cpu")
