@@ -214,7 +214,7 @@ class LordsConfig:
     init_scales: "absmax" (the paper) or "search" (per-block MSE clipping search before the SVD).
     steps, lr, optimizer: refinement iterations; "als" = exact alternating weighted least squares on
       B and A (lr unused), "adam" = Adam steps on (B, A) with cosine-decayed lr. steps=0: init only.
-    learn_codebook: with "als", also fit the 2**bits levels to this weight (Lloyd's update under the
+    learn_codebook: weight-only objective: also fit the 2**bits levels to this weight (Lloyd's update under the
       per-element scales; 2**bits extra floats per layer, stored as a custom codebook).
     patience, tol: stop when the loss has not improved by a relative `tol` for `patience` iterations.
     """
@@ -360,6 +360,10 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
             sched.step()
             with torch.no_grad():
                 codes, C = assign(Bp, Ap, cb)
+                if cfg.learn_codebook and H is None:
+                    cb, B_scaled = _codebook_step(Wf, codes, Bp @ Ap, cb, Bp)
+                    Bp.copy_(B_scaled)
+                    codes, C = assign(Bp, Ap, cb)
                 cur = float(_loss(Wf, C, Bp, Ap, H) / norm)
             history.append(cur)
             if cur < best[0] * (1 - cfg.tol):
