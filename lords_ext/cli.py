@@ -145,7 +145,7 @@ def cmd_eval(a) -> int:
     from .evaluate import perplexity
     dev = _device(a.device)
     model, tok, source = load_any(a.model, dev)
-    ev, _ = eval_and_calib_ids(tok, a.text, a.max_tokens, None)
+    ev, _ = eval_and_calib_ids(tok, a.text, a.max_tokens or None, None)
     res = perplexity(model, ev, seq_len=a.seq_len, batch_size=a.batch_size, progress=not a.quiet)
     print(f"{source}: {res}")
     if a.json:
@@ -327,7 +327,7 @@ def cmd_selftest(a) -> int:
         print(f"lords selftest: lords_ext.selftest is not part of this installation ({e}); "
               "the backend self-check ships with the CUDA/Triton kernels.", file=sys.stderr)
         return 2
-    result = selftest()
+    result = selftest(device=a.device) if a.device else selftest()
     return 0 if result in (None, True, 0) else 1
 
 
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on a text")
     e.add_argument("--model", default="smollm2")
     e.add_argument("--text", default=None, help="text file (default: packaged Wikipedia eval articles)")
-    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--max-tokens", type=int, default=16384,
+                   help="score the first N tokens of the text (0: all of it; the packaged eval articles are ~600k tokens)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default=None)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {','.join(DEMO_VARIANTS)} (lords-init: no refinement; lords-act: activation-aware)")
     d.add_argument("--block", type=int, default=64)
     d.add_argument("--steps", type=int, default=20, help="LoRDS refinement steps")
-    d.add_argument("--eval-tokens", type=int, default=4096)
+    d.add_argument("--eval-tokens", type=int, default=2048)
     d.add_argument("--calib-tokens", type=int, default=4096)
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--device", default=None)
@@ -410,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (1 is far faster on a shared, busy machine)")
 
     sub.add_parser("info", help="versions, backends, GPU, packaged data")
-    sub.add_parser("selftest", help="check every backend against the reference on this machine")
+    st = sub.add_parser("selftest", help="check every backend against the reference on this machine")
+    st.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     sub.add_parser("bench", help="kernel benchmarks (bench/bench_kernels.py of a source checkout)", add_help=False)
     return ap
 
