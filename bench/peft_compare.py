@@ -1,0 +1,606 @@
+"""Fine-tuning a quantized SmolLM2: LoRDS-PEFT vs QLoRA (bitsandbytes NF4 + peft LoRA) vs LoRDS-QAT vs
+block-wise QAT, on the same data, steps, seed and schedule.
+
+Task: continued training (next-token loss) on the calibration Wikipedia articles of lords_ext.data,
+evaluated on the held-out articles (lords_ext.data.wiki_split: even articles train, odd ones evaluate).
+Per run: eval loss / perplexity of the quantized model before and after training, trainable
+parameters, median step time (forward + backward + optimizer, CUDA-synchronized) and peak GPU memory
+during training. Frozen parts of every model are bf16; trained parameters are fp32 (LoRA's A/B, LoRDS'
+B/A, QAT latent weights and scales); no autocast.
+
+Methods (bits 4, and 3 where the method has a 3-bit form):
+  lords-peft   LoRDS PTQ (block-64 parity rank, ALS refinement) then train B, A only (codes frozen).
+  qlora-eq     bitsandbytes NF4 (block 64, double quant) + peft LoRA on the same layers, per-layer rank
+               = the LoRDS layer's rank, so the trainable count is exactly LoRDS-PEFT's; alpha = 2 r.
+  qlora-r16    the same with the usual rank 16, alpha 32.
+  lords-qat    LordsQATLinear from the LoRDS PTQ: latent fp32 W + B, A, straight-through rounding;
+               evaluated after freeze() as the deployable (Q, B, A) model.
+  block-qat    BlockQATLinear: latent fp32 W + block-64 scales (clipping-searched init), NF codebook.
+QLoRA is skipped with a message where bitsandbytes or peft is missing, and at 3 bits (bitsandbytes
+has no 3-bit format).
+
+Model source: the packaged SmolLM2-135M GGUF (lords_ext.data.load_smollm2) where it is installed, or
+a "pack" made by `--make-pack` for a machine without it (the GPU machine: one call carries 64 MiB,
+the exact model is 96 MB). A pack keeps all 30 blocks but restricts the vocabulary to the tokens of
+the carried text and re-encodes the linear weights to 3-bit min/max per 64 (see make_pack); it
+records the eval loss of the exact and of the re-encoded model, and the run prints both.
+
+    python bench/peft_compare.py --make-pack .data/peft_pack.safetensors --cal-tokens 160000
+    python bench/peft_compare.py --pack .data/peft_pack.safetensors --steps 150 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lords_ext import LordsConfig, LordsLinear  # noqa: E402
+
+LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+               "attention_bias", "mlp_bias", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --- the pack (for machines without the packaged model) -----------------------------------------
+
+def encode_minmax(W: torch.Tensor, bits: int, block: int, scale_dtype=torch.float16):
+    """Uniform min/max re-encoding per `block` weights of a row: (packed codes, d, m) with
+    w ~ d * q + m, q in [0, 2**bits), d and m stored in `scale_dtype`; the codes are the nearest
+    for the stored (rounded) d and m."""
+    from lords_ext.formats import pack
+    N, K = W.shape
+    Wb = W.reshape(N, K // block, block)
+    lo, hi = Wb.amin(-1), Wb.amax(-1)
+    d = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-6).to(scale_dtype)
+    m = lo.to(scale_dtype)
+    q = ((Wb - m.float().unsqueeze(-1)) / d.float().unsqueeze(-1)).round().clamp(0, (1 << bits) - 1)
+    return pack(q.reshape(N, K).to(torch.uint8), bits), d, m
+
+
+def decode_minmax(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    from lords_ext.formats import unpack
+    N, nb = d.shape
+    q = unpack(codes, bits, K).float().reshape(N, nb, K // nb)
+    return (q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).reshape(N, K)
+
+
+def make_pack(path: str, cal_tokens: int, eval_tokens: int, ref_tokens: int, bits: int, block: int,
+              embed_bits: int = 4, embed_block: int = 32):
+    """Write the pack for a machine without the packaged model, within what one device call carries.
+
+    The exact source (all 30 blocks: 66 MB of Q4_1 linears + a 30 MB Q8_0 embedding) does not fit the
+    64 MiB a call carries, and dropping blocks breaks the model (eval loss > 15). So the pack keeps
+    every block but changes the model in two stated ways: (1) the vocabulary is restricted to the
+    tokens that occur in the carried train/eval streams (their exact Q8_0 embedding rows; the softmax
+    runs over those tokens only), and (2) every linear weight is re-encoded from its Q4_1 values to
+    `bits`-bit uniform min/max codes per `block` weights (fp16 d, m). The eval loss of the exact
+    model and of the re-encoded one (both on the restricted vocabulary) are recorded in the pack."""
+    from safetensors.torch import save_file
+    from lords_ext import data
+    t0 = time.time()
+    model, tok = data.load_smollm2()
+    cfg = model.config
+    cal_a, ev_a = data.wiki_split()
+    cal = data.tokenize_text(tok, data.join_articles(cal_a), cal_tokens)
+    ev = data.tokenize_text(tok, data.join_articles(ev_a), eval_tokens)
+    vocab = torch.unique(torch.cat([cal, ev]))          # sorted original ids kept
+    remap = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+    remap[vocab] = torch.arange(vocab.numel())
+    V = cfg.vocab_size
+    ec, ed, em = encode_minmax(model.model.embed_tokens.weight.detach()[vocab], embed_bits, embed_block)
+    common = {"embed.codes": ec, "embed.d": ed, "embed.m": em, "norm.weight": model.model.norm.weight.detach().clone(),
+              "ids.cal": remap[cal].to(torch.int16 if vocab.numel() < 32768 else torch.int32),
+              "ids.eval": remap[ev].to(torch.int16 if vocab.numel() < 32768 else torch.int32),
+              "vocab": vocab.int()}
+    exact, packed = dict(common), dict(common)
+    exact["embed.weight"] = model.model.embed_tokens.weight.detach()[vocab].clone()
+    for i in range(cfg.num_hidden_layers):
+        for hf in LINEARS:
+            W = model.get_submodule(f"model.layers.{i}.{hf}").weight.detach()
+            exact[f"layers.{i}.{hf}.weight"] = W
+            c, d, m = encode_minmax(W, bits, block, torch.float8_e4m3fn)
+            packed[f"layers.{i}.{hf}.codes"], packed[f"layers.{i}.{hf}.d"], packed[f"layers.{i}.{hf}.m"] = c, d, m
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            w = model.get_submodule(f"model.layers.{i}.{norm}").weight.detach().clone()
+            exact[f"layers.{i}.{norm}.weight"] = packed[f"layers.{i}.{norm}.weight"] = w
+    config = {k: getattr(cfg, k) for k in CONFIG_KEYS if hasattr(cfg, k) and not k.endswith("token_id")}
+    config["num_hidden_layers"] = cfg.num_hidden_layers
+    config["vocab_size"] = int(vocab.numel())
+    meta = {"config": json.dumps(config),
+            "encoding": f"linears {bits}-bit uniform min/max per {block} (fp8 d, m); embedding rows "
+                        f"{embed_bits}-bit min/max per {embed_block} (fp16 d, m)",
+            "bits": str(bits), "block": str(block), "embed_bits": str(embed_bits),
+            "source": f"{data.SMOLLM2_GGUF} ({data.SMOLLM2_PACKAGE}); wiki: gensim test articles (lords_ext.data split)",
+            "tokens": f"cal {cal.numel()}, eval {ev.numel()}, vocabulary {vocab.numel()} of {V}"}
+    del model
+    ref = {}
+    for name, t in (("exact", exact), ("pack", packed)):
+        m, _, e, _ = model_from_tensors(t, meta)
+        ref[name] = eval_loss(m, e[:ref_tokens], seq_len=256, batch=4)
+        del m
+    meta["ref_eval_loss"] = repr(ref["pack"])
+    meta["exact_eval_loss"] = repr(ref["exact"])
+    meta["ref_eval_tokens"] = str(ref_tokens)
+    save_file(packed, path, metadata=meta)
+    log(f"pack {path}: {os.path.getsize(path) / 2**20:.1f} MiB; vocabulary {vocab.numel()} tokens; eval loss on "
+        f"{ref_tokens} held-out tokens (restricted vocabulary, CPU fp32): exact SmolLM2 {ref['exact']:.4f}, "
+        f"re-encoded ({meta['encoding']}) {ref['pack']:.4f}; {time.time() - t0:.0f} s")
+
+
+def model_from_tensors(tensors: dict, meta: dict):
+    """(float32 LlamaForCausalLM, cal ids, eval ids, info) from a pack's tensors and metadata."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = json.loads(meta["config"])
+    L = config["num_hidden_layers"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).float().eval()
+    H = config["hidden_size"]
+    bits = int(meta.get("bits", 0) or 0)
+    emb = (tensors["embed.weight"].float() if "embed.weight" in tensors else
+           decode_minmax(tensors["embed.codes"], tensors["embed.d"], tensors["embed.m"], int(meta["embed_bits"]), H))
+    state = {"model.embed_tokens.weight": emb,
+             "model.norm.weight": tensors["norm.weight"].float()}
+    for i in range(L):
+        for hf in LINEARS:
+            key = f"layers.{i}.{hf}"
+            lin = model.get_submodule(f"model.layers.{i}.{hf}")
+            if f"{key}.weight" in tensors:
+                W = tensors[f"{key}.weight"].float()
+            else:
+                W = decode_minmax(tensors[f"{key}.codes"], tensors[f"{key}.d"], tensors[f"{key}.m"], bits,
+                                  lin.in_features)
+            state[f"model.layers.{i}.{hf}.weight"] = W
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"model.layers.{i}.{norm}.weight"] = tensors[f"layers.{i}.{norm}.weight"].float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"pack: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if config.get("tie_word_embeddings", True):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    info = {"blocks": f"all {L}", "source": meta.get("source"), "tokens": meta.get("tokens"),
+            "encoding": meta.get("encoding"),
+            "exact_eval_loss": float(meta["exact_eval_loss"]) if "exact_eval_loss" in meta else None,
+            "ref_eval_loss": float(meta["ref_eval_loss"]) if "ref_eval_loss" in meta else None,
+            "ref_eval_tokens": int(meta.get("ref_eval_tokens", 0))}
+    return model, tensors["ids.cal"].long(), tensors["ids.eval"].long(), info
+
+
+def load_pack(path: str):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return model_from_tensors(tensors, meta)
+
+
+def load_packaged(cal_tokens: int, eval_tokens: int):
+    """The whole packaged SmolLM2 (30 blocks) and the wiki token ids, from lords_ext.data."""
+    from lords_ext import data
+    model, tok = data.load_smollm2()
+    cal_a, ev_a = data.wiki_split()
+    cal = data.tokenize_text(tok, data.join_articles(cal_a), cal_tokens)
+    ev = data.tokenize_text(tok, data.join_articles(ev_a), eval_tokens)
+    return model.float().eval(), cal, ev, {"blocks": "all 30", "source": data.SMOLLM2_GGUF, "encoding": "exact",
+                                           "tokens": "", "ref_eval_loss": None, "ref_eval_tokens": 0}
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def eval_loss(model, ids: torch.Tensor, seq_len: int, batch: int) -> float:
+    """Mean next-token loss (nats) over non-overlapping windows of the held-out stream."""
+    from lords_ext.evaluate import perplexity
+    r = perplexity(model, ids, seq_len=seq_len, batch_size=batch, progress=False)
+    return r.nll / r.tokens
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+def _set(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def frozen_to_bf16(model: nn.Module) -> None:
+    """Parameters and float buffers that do not train become bf16. Quantized layers (LordsLinear,
+    QAT layers) keep their own dtypes (fp32 scales and codebook), so a frozen LoRDS model is
+    evaluated with the same precision whether its scales were trained (PEFT) or not (QAT, frozen)."""
+    from lords_ext.qat import QAT_LAYERS
+    skip = set()
+    for mod in model.modules():
+        if isinstance(mod, (LordsLinear,) + QAT_LAYERS):
+            skip.update(id(m) for m in mod.modules())
+    for mod in model.modules():
+        if id(mod) in skip:
+            continue
+        for p in mod.parameters(recurse=False):
+            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b.dtype == torch.float32 and "inv_freq" not in name:  # rotary tables stay fp32, as in HF
+                mod._buffers[name] = b.to(torch.bfloat16)
+
+
+class Runner:
+    def __init__(self, src: nn.Module, args, dev):
+        self.src, self.args, self.dev = src, args, dev
+        self.ptq: dict[int, tuple[nn.Module, float]] = {}
+
+    def lords_ptq(self, bits: int):
+        """LoRDS PTQ of the source model (cached per bit width, on the CPU between runs)."""
+        if bits not in self.ptq:
+            from lords_ext.model import quantize_model
+            m = copy.deepcopy(self.src).to(self.dev)
+            cfg = LordsConfig(bits=bits, block=64, steps=self.args.ptq_steps)
+            sync(self.dev)
+            t0 = time.perf_counter()
+            quantize_model(m, cfg, device=self.dev, progress=False)
+            sync(self.dev)
+            self.ptq[bits] = (m.to("cpu"), time.perf_counter() - t0)
+        m, secs = self.ptq[bits]
+        return copy.deepcopy(m).to(self.dev), secs
+
+    def build(self, method: str, bits: int, lr: float, lr_w: float):
+        """(model on the device, optimizer param groups, info) for one run."""
+        from lords_ext.peft import prepare_for_peft
+        from lords_ext.qat import LordsQATLinear, param_groups, prepare_for_qat
+        info = {}
+        if method == "lords-peft":
+            m, info["quantize_s"] = self.lords_ptq(bits)
+            prepare_for_peft(m, scales_dtype=torch.float32)
+            groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
+        elif method == "lords-qat":
+            m, info["quantize_s"] = self.lords_ptq(bits)
+            m.requires_grad_(False)
+            for name, layer in [(n, x) for n, x in m.named_modules() if isinstance(x, LordsLinear)]:
+                W = self.src.get_submodule(name).weight.detach().to(self.dev, torch.float32)
+                _set(m, name, LordsQATLinear.from_lords(layer, W))
+            groups = param_groups(m, lr_scales=lr, lr_weights=lr_w)
+        elif method == "block-qat":
+            m = copy.deepcopy(self.src).to(self.dev)
+            sync(self.dev)
+            t0 = time.perf_counter()
+            prepare_for_qat(m, LordsConfig(bits=bits, block=64), kind="block")
+            sync(self.dev)
+            info["quantize_s"] = time.perf_counter() - t0
+            groups = param_groups(m, lr_scales=lr, lr_weights=lr_w)
+        elif method.startswith("qlora"):
+            m, info = self.qlora(method, bits)
+            groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
+        else:
+            raise ValueError(f"method: unknown {method!r}")
+        frozen_to_bf16(m)
+        for g in groups:
+            for p in g["params"]:
+                p.data = p.data.float()
+        return m, groups, info
+
+    def qlora(self, method: str, bits: int):
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+        if bits != 4:
+            raise SkipRun("bitsandbytes has no 3-bit format")
+        m = copy.deepcopy(self.src).to(torch.bfloat16)
+        m.requires_grad_(False)
+        t0 = time.perf_counter()
+        ranks, alphas = {}, {}
+        for name, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear) and n != "lm_head"]:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", blocksize=64)
+            _set(m, name, q)
+            if method == "qlora-eq":
+                N, K = lin.out_features, lin.in_features
+                r = max(1, (N * K) // (64 * (N + K)))  # the LoRDS parity rank of this layer (block 64)
+                ranks[name], alphas[name] = r, 2 * r
+        m = m.to(self.dev)  # quantizes
+        sync(self.dev)
+        secs = time.perf_counter() - t0
+        r = 16 if method == "qlora-r16" else 4
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                         target_modules=[k.rsplit(".", 1)[-1] for k in LINEARS],
+                         rank_pattern={re.escape(k): v for k, v in ranks.items()},
+                         alpha_pattern={re.escape(k): v for k, v in alphas.items()})
+        m = get_peft_model(m, cfg)
+        info = {"quantize_s": secs, "lora_rank": "per layer = LoRDS parity rank" if ranks else r}
+        if ranks:  # the point of this run: exactly LoRDS-PEFT's trainable count
+            want = sum(r * (lin.in_features + lin.out_features) for name, r in ranks.items()
+                       for lin in [self.src.get_submodule(name)])
+            got = sum(p.numel() for p in m.parameters() if p.requires_grad)
+            if got != want:
+                raise RuntimeError(f"qlora-eq: peft made {got} trainable parameters, expected {want} (rank_pattern "
+                                   "not applied by this peft version?)")
+        return m, info
+
+
+class SkipRun(Exception):
+    pass
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def train(model, groups, batches, args, dev):
+    """AdamW (no weight decay), linear warmup over 10% of the steps then cosine to 10%, grad-norm clip 1.
+    Returns (per-step seconds, losses, peak bytes)."""
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = max(1, len(batches) // 10)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, len(batches) - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    times, losses = [], []
+    for b in batches:
+        b = b.to(dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        loss = model(input_ids=b, labels=b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training loss became {losses[-1]} at step {len(losses)}")
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    model.eval()
+    return times, losses, peak
+
+
+def probe_backend(runner: Runner, dev, report: dict):
+    """Check the dispatched LoRDS backend against the reference on one real layer (forward and the
+    B/A/x gradients, bf16 activations); fall back to the reference backend if it fails or disagrees."""
+    from lords_ext.backends import dispatch
+    m, _ = runner.lords_ptq(4)
+    layer = next(x for x in m.modules() if isinstance(x, LordsLinear))
+    M = runner.args.batch * runner.args.seq_len
+    x = torch.randn(M, layer.in_features, device=dev, dtype=torch.bfloat16)
+    report["backend"] = {op: dispatch.choose(op, x, M) for op in ("dequant_matmul", "grad_x", "grad_scales")}
+
+    def run():
+        layer.train_scales()
+        layer.B.grad = layer.A.grad = None
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        y.float().square().mean().backward()
+        return y.float(), xx.grad.float(), layer.B.grad.float(), layer.A.grad.float()
+
+    try:
+        got = run()
+        saved = os.environ.get(dispatch.ENV)
+        os.environ[dispatch.ENV] = "reference"
+        want = run()
+        if saved is None:
+            del os.environ[dispatch.ENV]
+        else:
+            os.environ[dispatch.ENV] = saved
+        errs = [float((g - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(
+            [t.detach() for t in got], [t.detach() for t in want])]
+        report["backend_probe_rel_err"] = dict(zip(("y", "grad_x", "grad_B", "grad_A"), errs))
+        if max(errs) > 3e-2:
+            raise RuntimeError(f"relative errors {errs} above 3e-2")
+    except Exception as e:  # a broken fast path must not sink the whole comparison
+        report["backend_fallback"] = f"{type(e).__name__}: {e}"
+        os.environ[dispatch.ENV] = "reference"
+        report["backend"] = {op: "reference" for op in report["backend"]}
+    log(f"LoRDS backend: {report['backend']} probe {report.get('backend_probe_rel_err')} "
+        f"{report.get('backend_fallback', '')}")
+
+
+def plan(args, have_qlora: bool):
+    """Runs in order of priority (the budget may stop the tail): (bits, method, lr, lr_weights)."""
+    runs = []
+    for bits in args.bits:
+        for method in args.methods:
+            if method.startswith("qlora") and (bits != 4 or not have_qlora):
+                continue
+            lrs = args.lr_qat if method.endswith("qat") else args.lr_peft
+            runs.append((bits, method, lrs[0], args.lr_weights[0]))
+    for bits in args.bits:  # the rest of the learning-rate sweep
+        for method in args.methods:
+            if method.startswith("qlora") and (bits != 4 or not have_qlora):
+                continue
+            if method.endswith("qat"):
+                extra = [(lr, lw) for lr in args.lr_qat for lw in args.lr_weights][1:]
+            else:
+                extra = [(lr, 0.0) for lr in args.lr_peft[1:]]
+            runs += [(bits, method, lr, lw) for lr, lw in extra]
+    return runs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--make-pack", metavar="PATH", help="write a pack file for machines without the packages, then exit")
+    ap.add_argument("--pack-bits", type=int, default=4, help="bits of the pack's re-encoded linear weights")
+    ap.add_argument("--pack-block", type=int, default=192, help="min/max block of the pack's re-encoding")
+    ap.add_argument("--pack-embed-bits", type=int, default=4, help="bits of the pack's re-encoded embedding rows")
+    ap.add_argument("--pack", metavar="PATH", help="read the model and tokens from this pack instead of lords_ext.data")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--methods", nargs="+", default=["lords-peft", "qlora-eq", "qlora-r16", "lords-qat", "block-qat"])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr-peft", type=float, nargs="+", default=[1e-3, 3e-4],
+                    help="learning rates of the PEFT runs (LoRDS B/A, LoRA A/B); the first is the main run")
+    ap.add_argument("--lr-qat", type=float, nargs="+", default=[1e-3], help="QAT scale learning rates")
+    ap.add_argument("--lr-weights", type=float, nargs="+", default=[1e-5], help="QAT latent-weight learning rates")
+    ap.add_argument("--ptq-steps", type=int, default=25, help="ALS refinement steps of the LoRDS PTQ")
+    ap.add_argument("--cal-tokens", type=int, default=320_000)
+    ap.add_argument("--eval-tokens", type=int, default=32_768)
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that would start after this many seconds")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke-blocks", type=int, default=0,
+                    help="pipeline test only: keep the first N decoder blocks (a broken model; never for results)")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+
+    if args.make_pack:
+        make_pack(args.make_pack, args.cal_tokens, args.eval_tokens, 2048, args.pack_bits, args.pack_block,
+                  args.pack_embed_bits)
+        return 0
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.pack:
+        src, cal, ev, info = load_pack(args.pack)
+    else:
+        src, cal, ev, info = load_packaged(args.cal_tokens, args.eval_tokens)
+    ev = ev[:args.eval_tokens]
+    if args.smoke_blocks:
+        src.model.layers = src.model.layers[:args.smoke_blocks]
+        src.config.num_hidden_layers = args.smoke_blocks
+        info["blocks"] = f"SMOKE TEST: first {args.smoke_blocks} only"
+        info["ref_eval_loss"] = None
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "model": info, "args": vars(args), "runs": []}
+    log(f"model: SmolLM2-135M-Instruct (Q4_1 source), {src.config.num_hidden_layers} blocks, vocabulary "
+        f"{src.config.vocab_size}" + (f"; PACK: {info['encoding']}, {info['tokens']}" if args.pack else "")
+        + f"; device {report['device']}; torch {torch.__version__}")
+    if info.get("ref_eval_loss") is not None:
+        got = eval_loss(copy.deepcopy(src).to(dev), ev[:info["ref_eval_tokens"]], 256, 4)
+        report["pack_check"] = {"packed": info["ref_eval_loss"], "here": got, "exact_model": info["exact_eval_loss"]}
+        log(f"pack check: eval loss on {info['ref_eval_tokens']} tokens here {got:.4f}, when packed "
+            f"{info['ref_eval_loss']:.4f} (exact SmolLM2 on the same vocabulary: {info['exact_eval_loss']:.4f})")
+        if abs(got - info["ref_eval_loss"]) > 1e-2:
+            log("WARNING: the model rebuilt from the pack differs from the packed one (transformers version?)")
+
+    have_qlora = True
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+        report["versions"] = {"bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__}
+    except Exception as e:
+        have_qlora = False
+        log(f"QLoRA runs skipped: bitsandbytes/peft not importable ({type(e).__name__}: {e})")
+        report["qlora_skipped"] = f"{type(e).__name__}: {e}"
+
+    # Same windows, same order, for every run.
+    windows = cal[: cal.numel() // args.seq_len * args.seq_len].view(-1, args.seq_len)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(windows.shape[0], generator=g)
+    need = args.steps * args.batch
+    order = order.repeat(math.ceil(need / order.numel()))[:need]
+    batches = [windows[order[i * args.batch:(i + 1) * args.batch]] for i in range(args.steps)]
+    log(f"data: {windows.shape[0]} training windows of {args.seq_len} tokens, {args.steps} steps x batch {args.batch} "
+        f"({need * args.seq_len} tokens, {need / windows.shape[0]:.2f} epochs); eval {ev.numel()} held-out tokens")
+
+    runner = Runner(src, args, dev)
+    with torch.no_grad():
+        base = copy.deepcopy(src).to(dev).to(torch.bfloat16)
+        report["float_eval_loss"] = eval_loss(base, ev, args.seq_len, args.eval_batch)
+        del base
+    log(f"unquantized source model (bf16): eval loss {report['float_eval_loss']:.4f} "
+        f"ppl {math.exp(report['float_eval_loss']):.2f}")
+    if any(m.startswith("lords") for m in args.methods):
+        probe_backend(runner, dev, report)
+
+    durations = []
+    for bits, method, lr, lr_w in plan(args, have_qlora):
+        elapsed = time.time() - t_start
+        guess = max(durations) if durations else 0.0
+        row = {"bits": bits, "method": method, "lr": lr, "lr_weights": lr_w if method.endswith("qat") else None}
+        if elapsed + guess > args.budget_s:
+            row["skipped"] = f"time budget ({elapsed:.0f} s used of {args.budget_s:.0f})"
+            report["runs"].append(row)
+            log(f"skip {bits}-bit {method} lr {lr}: {row['skipped']}")
+            continue
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        try:
+            model, groups, extra = runner.build(method, bits, lr, lr_w)
+            row.update(extra)
+            row["trainable"] = sum(p.numel() for grp in groups for p in grp["params"])
+            with torch.no_grad():
+                row["eval_before"] = eval_loss(model, ev, args.seq_len, args.eval_batch)
+            times, losses, peak = train(model, groups, batches, args, dev)
+            if method.endswith("qat"):
+                from lords_ext.qat import freeze_model
+                model = freeze_model(model)  # evaluate what deploys: (Q, B, A) LordsLinear layers
+                frozen_to_bf16(model)
+            with torch.no_grad():
+                row["eval_after"] = eval_loss(model, ev, args.seq_len, args.eval_batch)
+            skip = min(5, len(times) - 1)
+            row["step_ms"] = 1e3 * sorted(times[skip:])[len(times[skip:]) // 2]
+            row["peak_gib"] = peak / 2**30
+            row["train_loss_first_last"] = [losses[0], sum(losses[-10:]) / len(losses[-10:])]
+            del model, groups
+        except SkipRun as e:
+            row["skipped"] = str(e)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        row["seconds"] = time.time() - t0
+        durations.append(row["seconds"])
+        report["runs"].append(row)
+        if "eval_after" in row:
+            log(f"{bits}-bit {method:<10} lr {lr:g}{f' w {lr_w:g}' if method.endswith('qat') else ''}: eval "
+                f"{row['eval_before']:.4f} -> {row['eval_after']:.4f}, trainable {row['trainable']:,}, step "
+                f"{row['step_ms']:.1f} ms, peak {row['peak_gib']:.2f} GiB ({row['seconds']:.0f} s)")
+        else:
+            log(f"{bits}-bit {method} lr {lr:g}: {row.get('skipped') or row.get('error')}")
+
+    report["total_s"] = time.time() - t_start
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print_table(report)
+    return 0
+
+
+def print_table(report):
+    fl = report["float_eval_loss"]
+    log("")
+    log(f"{report['device']}, {report['model']['blocks']} blocks; unquantized bf16 eval loss {fl:.4f} "
+        f"(ppl {math.exp(fl):.2f})")
+    log("| bits | method | lr (scales/adapter; weights) | trainable | eval loss before | after | ppl before | after "
+        "| step ms | peak GiB |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["runs"]:
+        lr = f"{r['lr']:g}" + (f"; {r['lr_weights']:g}" if r.get("lr_weights") else "")
+        if "eval_after" not in r:
+            log(f"| {r['bits']} | {r['method']} | {lr} | - | - | - | - | - | - | {r.get('skipped') or r.get('error')} |")
+            continue
+        log(f"| {r['bits']} | {r['method']} | {lr} | {r['trainable']:,} | {r['eval_before']:.4f} | {r['eval_after']:.4f} "
+            f"| {math.exp(r['eval_before']):.2f} | {math.exp(r['eval_after']):.2f} | {r['step_ms']:.1f} "
+            f"| {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
