@@ -1,0 +1,279 @@
+// Fused LoRDS decode GEMM: y[M, N] = x[M, K] @ (codebook[Q] * (B @ A)).T + bias, M <= 16.
+//
+// Small M is a memory-bound problem (the codes are the bytes that matter: 8 MB for a 4096x4096 layer
+// at 4 bits) with an awkward amount of arithmetic: rebuilding the scale S = B @ A costs r
+// multiply-adds per weight, more than CUDA cores can do under the memory floor. So both products run
+// on tensor cores (mma.sync m16n8k16, fp32 accumulation):
+//   1. per 16x16 weight tile, S_tile = B[16 rows, r] @ A[r, 16 cols]   (2 * ceil(r/16) mmas)
+//   2. W_tile = codebook[Q] * S_tile in registers (codebook in a 16-entry shared table: distinct
+//      entries sit in distinct banks, so the lookups never conflict)
+//   3. y^T[16 rows, tokens] += W_tile @ x^T[16, tokens]          (swap-AB: ceil(M/8) mmas)
+// The k-permutation described in lords_tile.cuh lets each lane load its codes with one 16-byte load
+// from the canonical packing; A for the block's K range is gathered into shared memory once, in
+// fragment order, and shared by all 16 n-tiles of the block.
+//
+// Work split: a block owns 256 rows (8 warps x 2 n-tiles) and one K range (split-K), sized so that
+// all blocks are resident at once (two per SM for r <= 32, one above). Partial sums go to an fp32 workspace; the last block of a row
+// range to finish (an atomic counter per row range) adds them in a fixed order (deterministic), adds
+// the bias and writes y, then re-zeroes its counter for the next call.
+//
+// Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x token tiles MT {1, 2} (M <= 8, 16)
+// x rank chunks RT {1, 2, 4, 8} (r <= 16, 32, 64, 128; padded ranks are zero).
+#include "lords_kernels.h"
+#include "lords_tile.cuh"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace lords {
+namespace {
+
+int rank_chunks(int r) { return r <= 16 ? 1 : r <= 32 ? 2 : r <= 64 ? 4 : 8; }
+int token_tiles(int M) { return M <= 8 ? 1 : 2; }
+
+// Dynamic shared memory of a block: the A slice (RT*16 rank rows x k range) and the x operands.
+size_t stage_bytes(int rt, int mt, long n_super, int dtype_bytes) {
+  return (size_t)n_super * ((size_t)rt * 16 * kSuper * dtype_bytes + (size_t)mt * 8 * 32 * sizeof(uint2));
+}
+
+// Two blocks per SM while the B fragments fit in 128 registers (r <= 32); one above, to avoid spills.
+template <int RT>
+constexpr int blocks_per_sm() { return RT >= 4 ? 1 : 2; }
+
+template <typename T, int BITS, int MT, int RT>
+__global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
+    decode_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
+                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
+                       const void* __restrict__ bias, int bias_kind, T* __restrict__ y, float* __restrict__ ws,
+                       int* __restrict__ counters, int M, long N, long K, int r, int kc, bool fast) {
+  extern __shared__ uint4 smem_dyn[];
+  uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn);
+  __shared__ float lut[16];
+  __shared__ int s_last;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const long block_row0 = (long)blockIdx.x * kRowsPerBlock;
+  const long warp_row0 = block_row0 + (long)warp * 16 * kNT;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const long k0 = (long)split * kc;
+  const int nsc = (int)((min_l(K - k0, kc) + kSuper - 1) / kSuper);
+  const long row_bytes = K * BITS / 8;
+
+  auto load_codes = [&](Codes<BITS> (&c)[kNT][2], int sc) {
+    const long kf = k0 + (long)sc * kSuper + 32 * t;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = warp_row0 + nt * 16 + g + 8 * hh;
+        if (n < N && kf < K)
+          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, fast);
+        else
+          c[nt][hh].clear();
+      }
+  };
+
+  // Codes of the first superchunk go out first: their DRAM latency overlaps the staging below.
+  Codes<BITS> cur[kNT][2], nxt[kNT][2];
+  load_codes(nxt, 0);
+
+  if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
+  uint32_t bf[kNT][RT][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) load_B_frags<T, RT>(bf[nt], Bm, N, r, warp_row0 + nt * 16, lane);
+  stage_A<T, RT>(astage, A, r, K, k0, nsc * kSuper, fast);
+  // x^T operands of the block's K range, in fragment order: entry ((sc*8 + s)*MT + mt)*32 + lane holds
+  // x[mt*8 + g, k .. k+3] for k = k0 + 128 sc + 32t + 4s (zero past M or K). Staged once, so the main
+  // loop reads them with conflict-free 8-byte LDS instead of an L1/L2 round trip per k-tile.
+  uint2* xstage = reinterpret_cast<uint2*>(astage + (size_t)RT * 16 * nsc * kSuper);
+  {
+    const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+    const int total = nsc * 8 * MT * 32;
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+      const int l = e % 32, rest = e / 32;
+      const int mt = rest % MT, s = (rest / MT) % 8, sc = rest / (MT * 8);
+      const int m = mt * 8 + l / 4;
+      const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 4 * s;
+      uint2 v = make_uint2(0u, 0u);
+      if (m < M && fast) {
+        v = __ldg(reinterpret_cast<const uint2*>(x16 + (long)m * K + k));
+      } else if (m < M) {
+        uint16_t h[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = (k + j < K) ? x16[(long)m * K + k + j] : uint16_t(0);
+        v = make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+      }
+      xstage[e] = v;
+    }
+  }
+  __syncthreads();
+
+  float acc[kNT][MT][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
+
+  for (int sc = 0; sc < nsc; ++sc) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      cur[nt][0] = nxt[nt][0];
+      cur[nt][1] = nxt[nt][1];
+    }
+    if (sc + 1 < nsc) load_codes(nxt, sc + 1);
+
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      uint2 xb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xb[mt] = xstage[((sc * 8 + s) * MT + mt) * 32 + lane];
+      uint4 af[RT];
+#pragma unroll
+      for (int c = 0; c < RT; ++c)
+        af[c] = *reinterpret_cast<const uint4*>(astage + ((((long)sc * 8 + s) * RT + c) * 32 + lane) * 8);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t wf[4];
+        weight_frag<T, BITS, RT>(wf, bf[nt], af, cur[nt][0], cur[nt][1], lut, s);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(acc[nt][mt], wf, xb[mt].x, xb[mt].y);
+      }
+    }
+  }
+
+  // acc[nt][mt][i]: row warp_row0 + nt*16 + g + 8*(i/2), token mt*8 + 2t + (i%2).
+  if (splits == 1) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
+          const int m = mt * 8 + 2 * t + (i % 2);
+          if (n < N && m < M) {
+            float v = acc[nt][mt][i];
+            if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
+            y[(long)m * N + n] = Mma<T>::from_float(v);
+          }
+        }
+    return;
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
+        const int m = mt * 8 + 2 * t + (i % 2);
+        if (n < N && m < M) ws[((long)split * M + m) * N + n] = acc[nt][mt][i];
+      }
+  // Publish the partials, then count this block in; the last one to arrive reduces.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = (atomicAdd(&counters[blockIdx.x], 1) == splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int rows = (int)min_l(kRowsPerBlock, N - block_row0);
+  for (int idx = threadIdx.x; idx < rows * M; idx += blockDim.x) {
+    const int m = idx / rows;
+    const long n = block_row0 + idx % rows;
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += __ldcg(ws + ((long)sp * M + m) * N + n);
+    if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
+    y[(long)m * N + n] = Mma<T>::from_float(v);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+template <typename T, int BITS, int MT, int RT>
+void run(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = decode_gemm_kernel<T, BITS, MT, RT>;
+  const size_t smem = stage_bytes(RT, MT, a.k_per_split / kSuper, (int)sizeof(T));
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm: ") + cudaGetErrorString(e));
+  }
+  const void* ptrs[] = {a.x, a.qweight, a.A};
+  const bool fast = vector_path_ok(a.K, ptrs, 3);
+  dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.splits);
+  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                                           static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
+                                           a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
+                                           a.K, a.r, a.k_per_split, fast);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm launch: ") + cudaGetErrorString(e));
+}
+
+using Fn = void (*)(const DecodeArgs&, cudaStream_t);
+
+template <typename T, int BITS, int MT>
+Fn pick_rt(int rt) {
+  switch (rt) {
+    case 1: return run<T, BITS, MT, 1>;
+    case 2: return run<T, BITS, MT, 2>;
+    case 4: return run<T, BITS, MT, 4>;
+    default: return run<T, BITS, MT, 8>;
+  }
+}
+
+template <typename T, int BITS>
+Fn pick_mt(int mt, int rt) {
+  switch (mt) {
+    case 1: return pick_rt<T, BITS, 1>(rt);
+    default: return pick_rt<T, BITS, 2>(rt);
+  }
+}
+
+template <typename T>
+Fn pick_bits(int bits, int mt, int rt) {
+  switch (bits) {
+    case 2: return pick_mt<T, 2>(mt, rt);
+    case 3: return pick_mt<T, 3>(mt, rt);
+    default: return pick_mt<T, 4>(mt, rt);
+  }
+}
+
+
+}  // namespace
+
+bool vector_path_ok(long K, const void* const* ptrs, int n_ptrs) {
+  if (K % kSuper != 0) return false;
+  for (int i = 0; i < n_ptrs; ++i)
+    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
+  return true;
+}
+
+DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int want) {
+  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long k_super = (K + kSuper - 1) / kSuper;
+  long splits = std::max<long>(1, min_l(k_super, want));
+  long sc_per = (k_super + splits - 1) / splits;
+  // The staged A slice and x operands stay under 64 KB of shared memory.
+  const long max_sc = std::max<long>(1, (64L * 1024) / (long)stage_bytes(rank_chunks(r), token_tiles(M), 1, dtype_bytes));
+  sc_per = min_l(sc_per, max_sc);
+  splits = (k_super + sc_per - 1) / sc_per;
+  return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
+}
+
+DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms) {
+  // Fill the resident-block slots once rather than leave a tail wave.
+  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long slots = (long)(rank_chunks(r) >= 4 ? 1 : 2) * sms;
+  return decode_plan_with_splits(N, K, r, M, dtype_bytes, (int)std::max<long>(1, slots / n_blocks));
+}
+
+void decode_gemm(const DecodeArgs& a, cudaStream_t stream) {
+  const int mt = token_tiles(a.M);
+  const int rt = rank_chunks(a.r);
+  Fn fn = a.dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(a.bits, mt, rt) : pick_bits<__half>(a.bits, mt, rt);
+  fn(a, stream);
+}
+
+}  // namespace lords

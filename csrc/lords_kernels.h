@@ -1,0 +1,68 @@
+// Host-side entry points of the CUDA kernels, free of torch headers so the .cu files compile fast and
+// ops.cpp (the torch side) owns every input check.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lords {
+
+enum class DType : int { kF16 = 0, kBF16 = 1 };
+
+// y[M, N] = x[M, K] @ (codebook[Q] * (B @ A)).T + bias, for M <= kDecodeMaxM (fused decode kernel).
+struct DecodeArgs {
+  DType dtype;              // of x, B, A and y
+  int bits;                 // 2, 3, 4
+  const void* x;            // [M, K]
+  const uint8_t* qweight;   // [N, K*bits/8] canonical packing
+  const void* B;            // [N, r]
+  const void* A;            // [r, K]
+  const void* codebook;     // [2**bits]
+  int codebook_kind;        // ScalarKind
+  const void* bias;         // [N] or nullptr
+  int bias_kind;            // ScalarKind
+  void* y;                  // [M, N]
+  float* workspace;         // [splits, M, N] fp32 when splits > 1
+  int* counters;            // >= n_blocks zeroed ints when splits > 1; left zeroed
+  int M;
+  long N, K;
+  int r;
+  int splits;               // from decode_plan
+  int k_per_split;          // from decode_plan
+};
+
+constexpr int kDecodeMaxM = 16;
+constexpr int kMaxRank = 128;
+constexpr int kCounterSlots = 1 << 16;
+
+// Split-K plan for a decode launch on a GPU with `sms` multiprocessors.
+struct DecodePlan {
+  int splits;
+  int k_per_split;
+  long n_blocks;
+};
+DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms);
+// The same with a requested split count (rounded to whole 128-wide superchunks and the smem bound).
+DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int splits);
+void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
+
+// W[N, K] = codebook[Q] * (B @ A) in dtype.
+struct DequantArgs {
+  DType dtype;
+  int bits;
+  const uint8_t* qweight;
+  const void* B;
+  const void* A;
+  const void* codebook;
+  int codebook_kind;
+  void* W;
+  long N, K;
+  int r;
+};
+void dequant(const DequantArgs& a, cudaStream_t stream);
+
+// True when the inputs allow the 16-byte load paths (K % 128 == 0 and 16-byte aligned bases).
+bool vector_path_ok(long K, const void* const* ptrs, int n_ptrs);
+
+}  // namespace lords

@@ -1,0 +1,260 @@
+// Tensor-core building blocks shared by the LoRDS kernels (decode_gemm.cu, dequant.cu).
+//
+// The central trick: a k-permutation that lets every thread read its codes with one wide load
+// straight from the CANONICAL packing, with no shared-memory round trip and no prepacked layout.
+//
+// An mma.sync m16n8k16 A-operand gives lane (g = lane/4, t = lane%4) the elements at rows g, g+8 and
+// k-positions {2t, 2t+1, 2t+8, 2t+9}. A sum over k does not care which real k each position stands
+// for, as long as every operand uses the same map. We pick, for a "superchunk" of 128 consecutive k
+// split into 8 k-tiles s = 0..7:
+//
+//     real_k(s, p) = 32 * ((p % 8) / 2) + 4 * s + (p % 2) + 2 * (p / 8)
+//
+// so lane t's four positions in k-tile s are real k = 32t + 4s + {0,1,2,3}: over the 8 k-tiles a lane
+// touches exactly the 32 consecutive codes 32t .. 32t+31 of each of its two rows. Those are 16 bytes
+// at 4 bits (one 16-byte load), 8 bytes at 2 bits, 12 bytes at 3 bits, read directly from the
+// canonical packing. The other operands follow the same map:
+//   * x (the B operand of the product mma, swap-AB: weights are the 16-row side, tokens the 8 side)
+//     needs x[m, 32t + 4s .. 32t + 4s + 3]: 8 contiguous bytes per k-tile;
+//   * A (the B operand of the scale mma, S = B @ A) is gathered once per block into shared memory
+//     in fragment order, so each lane reads its operands for one k-tile with one 16-byte load.
+//
+// The scale tile S[16 n x 16 k] comes out of two scale mmas (k-positions 0..7 and 8..15) as C
+// fragments whose register layout is exactly the A-operand layout of the next mma (the same fact
+// FlashAttention uses for P), so W = codebook[Q] * S is formed in registers in fp32 and never
+// touches memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lords {
+
+constexpr int kSuper = 128;  // k per superchunk: 4 lanes x 32 codes
+constexpr int kWarps = 8;    // warps per block
+constexpr int kNT = 2;       // 16-row n-tiles per warp (A fragments from shared memory are reused kNT times)
+constexpr int kRowsPerBlock = kWarps * 16 * kNT;
+constexpr int kThreads = kWarps * 32;
+
+// Runtime element kinds for the small operands read once per block (codebook, bias), so their dtype
+// does not multiply the number of kernel instantiations.
+enum ScalarKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+__host__ __device__ __forceinline__ long min_l(long a, long b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float load_scalar(const void* p, int kind, long i) {
+  if (kind == kF32) return static_cast<const float*>(p)[i];
+  if (kind == kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Codes are read once: keep them out of L1 so x and the scale operands stay there. The loads and the
+// mma are both `asm volatile`, so the compiler keeps their program order: the next superchunk's code
+// loads stay issued before this superchunk's mmas (the prefetch) instead of being sunk after them.
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_stream_v2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_stream_u32(const void* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// One lane's 32 codes of one row for one superchunk, as packed words (4 bits: 4 words, 3 bits: 3,
+// 2 bits: 2). `fast` (K % 128 == 0, 16-byte aligned rows) uses wide loads; otherwise bytes are read
+// one by one up to the row's end and the rest is zero (the matching x and A entries are zero too).
+template <int BITS>
+struct Codes {
+  static constexpr int kWords = BITS;  // 32 codes * BITS bits / 32
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = 0u;
+  }
+
+  __device__ __forceinline__ void load(const uint8_t* row, long k_first, long row_bytes, bool fast) {
+    const long byte0 = k_first * BITS / 8;
+    if (fast) {
+      const uint8_t* p = row + byte0;
+      if constexpr (BITS == 4) {
+        uint4 v = ld_stream_v4(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+      } else if constexpr (BITS == 2) {
+        uint2 v = ld_stream_v2(p);
+        w[0] = v.x; w[1] = v.y;
+      } else {
+        w[0] = ld_stream_u32(p); w[1] = ld_stream_u32(p + 4); w[2] = ld_stream_u32(p + 8);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWords; ++i) {
+        uint32_t v = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          long idx = byte0 + 4 * i + b;
+          if (idx < row_bytes) v |= static_cast<uint32_t>(__ldg(row + idx)) << (8 * b);
+        }
+        w[i] = v;
+      }
+    }
+  }
+
+  // The 4 codes of k-tile s (real k = 32t + 4s + j, j = 0..3). Called with s known after unrolling,
+  // so every word index below is a compile-time constant and w[] stays in registers.
+  __device__ __forceinline__ void quad(int s, uint32_t (&q)[4]) const {
+    uint32_t v;
+    if constexpr (BITS == 4) {
+      v = w[s / 2] >> (16 * (s % 2));
+    } else if constexpr (BITS == 2) {
+      v = w[s / 4] >> (8 * (s % 4));
+    } else {
+      // 12 bits at bit 12*s of the lane's 96-bit little-endian run (24-bit groups of 8 codes); a
+      // quad may straddle two words, hence the 64-bit window (a funnel shift in SASS).
+      const int bit = 12 * s, wi = bit / 32;
+      const uint64_t win = (static_cast<uint64_t>(w[wi + 1 < kWords ? wi + 1 : wi]) << 32) | w[wi];
+      v = static_cast<uint32_t>(win >> (bit % 32));
+    }
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q[j] = (v >> (BITS * j)) & mask;
+  }
+};
+
+// Shared-memory image of A[:, k0 : k0 + kc] in fragment order: for superchunk sc, k-tile s, rank
+// chunk c (16 ranks) and lane, 16 bytes = {h0.b0, h0.b1, h1.b0, h1.b1}, where h picks the k-positions
+// 0..7 or 8..15 of the two scale mmas. Rank rows >= r and k >= K are zero, so padded ranks and the K
+// tail add nothing.
+template <typename T, int RT>
+__device__ __forceinline__ void stage_A(uint16_t* smem, const T* __restrict__ A, int r, long K, long k0, int kc,
+                                        bool fast) {
+  // Consecutive threads take consecutive rank rows of the same 8-wide k chunk: their 2-byte stores
+  // then spread over the banks (rank -> lane%4, register, half), about 2-way conflicts; walking along k
+  // instead puts a warp's stores 16 ways into the same bank (measured: the prologue dominated).
+  constexpr int rows = RT * 16;
+  const int total = rows * (kc / 8);
+  for (int ch = threadIdx.x; ch < total; ch += blockDim.x) {
+    const int j = ch % rows;
+    const int o0 = (ch / rows) * 8;
+    const long k = k0 + o0;
+    union {
+      uint4 raw;
+      uint16_t e[8];
+    } v;
+    if (j < r && fast) {
+      v.raw = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+    } else {
+      const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v.e[e] = (j < r && k + e < K) ? a16[(long)j * K + k + e] : uint16_t(0);
+    }
+    const int c = j / 16, jj = j % 16;
+    const int reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int o = o0 + e;
+      const int sc = o / kSuper, oo = o % kSuper;
+      const int s = (oo % 32) / 4, w = oo % 4;
+      const int gl = 2 * (oo / 32) + (w % 2), h = w / 2;
+      const int lane = 4 * gl + tt;
+      const long idx = ((((long)(sc * 8 + s) * RT + c) * 32 + lane) * 4 + h * 2 + reg) * 2 + half;
+      smem[idx] = v.e[e];
+    }
+  }
+}
+
+// A-operand fragments of B[n0 : n0+16, :] for the scale mma, one set of 4 registers per 16 ranks.
+// Read once per block: rank pairs as one 4-byte load where r is even (memory order = register
+// order), element by element otherwise; rows past N and ranks past r are zero.
+template <typename T, int RT>
+__device__ __forceinline__ void load_B_frags(uint32_t (&f)[RT][4], const T* __restrict__ Bm, long N, int r,
+                                             long n0, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const bool pairs = (r % 2 == 0) && (reinterpret_cast<uintptr_t>(Bm) % 4 == 0);
+  auto at = [&](long n, int j) -> float {
+    return (n < N && j < r) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
+  };
+  auto pair = [&](long n, int j) -> uint32_t {
+    if (pairs) return (n < N && j < r) ? __ldg(reinterpret_cast<const unsigned int*>(Bm + n * r + j)) : 0u;
+    return Mma<T>::pack(at(n, j), at(n, j + 1));
+  };
+#pragma unroll
+  for (int c = 0; c < RT; ++c) {
+    const int j = 16 * c + 2 * t;
+    f[c][0] = pair(n0 + g, j);
+    f[c][1] = pair(n0 + g + 8, j);
+    f[c][2] = pair(n0 + g, j + 8);
+    f[c][3] = pair(n0 + g + 8, j + 8);
+  }
+}
+
+// W fragment (A-operand layout) of one 16x16 tile for k-tile s:
+// S_tile = B_frag @ A_stage via 2*RT mmas, then W = codebook[code] * S_tile in fp32, packed to T.
+template <typename T, int BITS, int RT>
+__device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4], const uint4 (&af)[RT],
+                                            const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f};
+  float s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < RT; ++c) {
+    Mma<T>::mma(s0, bf[c], af[c].x, af[c].y);
+    Mma<T>::mma(s1, bf[c], af[c].z, af[c].w);
+  }
+  uint32_t qa[4], qb[4];
+  lo.quad(s, qa);
+  hi.quad(s, qb);
+  // positions 2t, 2t+1 -> codes 0, 1 of the quad; positions 2t+8, 2t+9 -> codes 2, 3.
+  wf[0] = Mma<T>::pack(lut[qa[0]] * s0[0], lut[qa[1]] * s0[1]);
+  wf[1] = Mma<T>::pack(lut[qb[0]] * s0[2], lut[qb[1]] * s0[3]);
+  wf[2] = Mma<T>::pack(lut[qa[2]] * s1[0], lut[qa[3]] * s1[1]);
+  wf[3] = Mma<T>::pack(lut[qb[2]] * s1[2], lut[qb[3]] * s1[3]);
+}
+
+}  // namespace lords

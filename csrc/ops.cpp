@@ -1,0 +1,305 @@
+// Registration of the CUDA backend ops of the `lords` namespace and every input check they need.
+//
+// The public ops (lords::dequant, lords::dequant_matmul) are defined in Python (lords_ext/_ops.py) so
+// the contract exists whether or not this extension was built; this file only adds backend ops:
+//   lords::dequant_cuda(qweight, B, A, codebook) -> W [N, K] in B.dtype (fp16/bf16)
+//   lords::dequant_matmul_cuda(x, qweight, B, A, codebook, bias=None, path=-1, splits=0) -> y [M, N]
+//     in x.dtype. path -1: automatic (fused decode kernel for M <= 16, else dequantize + cuBLAS),
+//     0: fused decode kernel (M <= 16), 1: dequantize + cuBLAS. splits: split-K count of the decode
+//     kernel, 0 = its own plan (for tuning). x is [M, K] (the Python layer flattens it).
+// The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "lords_kernels.h"
+
+#ifdef LORDS_PYTHON_MODULE
+#include <Python.h>
+// An empty module: importing lords_ext._C runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "LoRDS CUDA backend ops (torch.ops.lords.*_cuda)",
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
+#endif
+
+namespace lords {
+namespace {
+
+int kind_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "codebook/bias: unsupported dtype");
+  }
+}
+
+DType dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kF16; }
+
+bool is_half_type(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
+
+// Validation never throws from inside a helper: it records the first problem here and returns false,
+// and the op throws (TORCH_CHECK) in its own frame before it holds any guard or tensor copy. Messages
+// are concatenated from strings and std::to_string, never through an ostream: on the device
+// machine's toolchain the first message that streamed an integer (c10::str(..., int64_t, ...))
+// crashed the process, while messages made of strings alone were fine.
+thread_local std::string t_error;
+
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+template <typename I, typename = std::enable_if_t<std::is_integral_v<I>>>
+inline std::string piece(I v) {
+  return std::to_string(v);
+}
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string out;
+  ((out += piece(args)), ...);
+  return out;
+}
+
+#define LORDS_REQUIRE(cond, ...)      \
+  do {                                \
+    if (!(cond)) {                    \
+      t_error = cat(__VA_ARGS__);     \
+      return false;                   \
+    }                                 \
+  } while (0)
+
+std::string device_str(const at::Device& d) {
+  if (d.is_cuda()) return "cuda:" + std::to_string((int)d.index());
+  if (d.is_cpu()) return "cpu";
+  return "a non-CUDA device";
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + "]";
+}
+
+const char* dtype_str(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return "another dtype";
+  }
+}
+
+bool float_kind(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
+
+// The quantized weight on `device`: sets *bits.
+bool valid_weight(const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A, const at::Tensor& codebook,
+                  const at::Device& device, int* bits) {
+  const std::string dev = device_str(device);
+  LORDS_REQUIRE(qweight.device() == device, "qweight: expected device ", dev, ", got ", device_str(qweight.device()));
+  LORDS_REQUIRE(B.device() == device, "B: expected device ", dev, ", got ", device_str(B.device()));
+  LORDS_REQUIRE(A.device() == device, "A: expected device ", dev, ", got ", device_str(A.device()));
+  LORDS_REQUIRE(codebook.device() == device, "codebook: expected device ", dev, ", got ",
+                device_str(codebook.device()));
+  LORDS_REQUIRE(qweight.scalar_type() == at::kByte, "qweight: expected dtype uint8, got ",
+                dtype_str(qweight.scalar_type()));
+  LORDS_REQUIRE(qweight.dim() == 2, "qweight: expected 2-D [N, K*bits/8], got shape ", shape_str(qweight));
+  LORDS_REQUIRE(qweight.is_contiguous(), "qweight: expected a contiguous tensor");
+  LORDS_REQUIRE(codebook.dim() == 1, "codebook: expected 1-D, got shape ", shape_str(codebook));
+  const int64_t levels = codebook.numel();
+  LORDS_REQUIRE(levels == 4 || levels == 8 || levels == 16,
+                "codebook: expected 4, 8 or 16 levels (2, 3 or 4 bits), got ", levels);
+  LORDS_REQUIRE(float_kind(codebook.scalar_type()), "codebook: expected dtype float32, float16 or bfloat16, got ",
+                dtype_str(codebook.scalar_type()));
+  LORDS_REQUIRE(codebook.is_contiguous(), "codebook: expected a contiguous tensor");
+  *bits = levels == 4 ? 2 : levels == 8 ? 3 : 4;
+  LORDS_REQUIRE(B.dim() == 2, "B: expected 2-D [N, r], got shape ", shape_str(B));
+  LORDS_REQUIRE(A.dim() == 2, "A: expected 2-D [r, K], got shape ", shape_str(A));
+  LORDS_REQUIRE(B.size(1) == A.size(0), "B, A: expected B [N, r] and A [r, K] with the same r, got B ",
+                shape_str(B), " and A ", shape_str(A));
+  LORDS_REQUIRE(float_kind(B.scalar_type()), "B: expected dtype float32, float16 or bfloat16, got ",
+                dtype_str(B.scalar_type()));
+  LORDS_REQUIRE(float_kind(A.scalar_type()), "A: expected dtype float32, float16 or bfloat16, got ",
+                dtype_str(A.scalar_type()));
+  const int64_t N = B.size(0), r = B.size(1), K = A.size(1);
+  LORDS_REQUIRE(r >= 1 && r <= kMaxRank, "B.shape[1] (r): expected 1 <= r <= ", (int)kMaxRank, ", got ", r);
+  LORDS_REQUIRE(N >= 1 && N <= (int64_t)kCounterSlots * 256, "B.shape[0] (N): expected 1 <= N <= ",
+                (int64_t)kCounterSlots * 256, ", got ", N);
+  const int64_t group = *bits == 2 ? 4 : *bits == 3 ? 8 : 2;
+  LORDS_REQUIRE(K >= 1 && K % group == 0, "A.shape[1] (K): expected a positive multiple of ", group, " for ", *bits,
+                "-bit codes, got ", K);
+  LORDS_REQUIRE(qweight.size(0) == N && qweight.size(1) == K * *bits / 8, "qweight: expected shape [", N, ", ",
+                K * *bits / 8, "] for N=", N, ", K=", K, " at ", *bits, " bits, got ", shape_str(qweight));
+  return true;
+}
+
+int sm_count(const at::Device& device) {
+  static std::mutex mu;
+  static std::vector<int> per_device;
+  std::lock_guard<std::mutex> lock(mu);
+  const int idx = device.index();
+  if ((int)per_device.size() <= idx) per_device.resize(idx + 1, 0);
+  if (per_device[idx] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, idx));
+    per_device[idx] = n;
+  }
+  return per_device[idx];
+}
+
+at::Tensor& counters_for(const at::Device& device) {
+  static std::mutex mu;
+  static std::vector<at::Tensor> per_device;
+  std::lock_guard<std::mutex> lock(mu);
+  const int idx = device.index();
+  if ((int)per_device.size() <= idx) per_device.resize(idx + 1);
+  if (!per_device[idx].defined())
+    per_device[idx] = at::zeros({kCounterSlots}, at::TensorOptions().dtype(at::kInt).device(device));
+  return per_device[idx];
+}
+
+// Inputs already validated. The scale mma runs in the output's 16-bit type; B and A in another dtype are
+// converted first (an extra copy).
+at::Tensor dequant_impl(const at::Tensor& qweight, const at::Tensor& B_in, const at::Tensor& A_in,
+                        const at::Tensor& codebook, at::ScalarType out_dtype, int bits) {
+  const at::Tensor B = B_in.to(out_dtype).contiguous();
+  const at::Tensor A = A_in.to(out_dtype).contiguous();
+  const int64_t N = B.size(0), K = A.size(1);
+  auto W = at::empty({N, K}, B.options().dtype(out_dtype));
+  DequantArgs a{dtype_of(W), bits, qweight.data_ptr<uint8_t>(), B.data_ptr(), A.data_ptr(), codebook.data_ptr(),
+                kind_of(codebook), W.data_ptr(), N, K, (int)B.size(1)};
+  dequant(a, c10::cuda::getCurrentCUDAStream());
+  return W;
+}
+
+at::Tensor dequant_cuda(const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
+                        const at::Tensor& codebook) {
+  TORCH_CHECK(qweight.is_cuda(), "qweight: expected a CUDA tensor");
+  TORCH_CHECK(is_half_type(B.scalar_type()), "B: lords::dequant_cuda returns W in B.dtype and supports float16 "
+              "or bfloat16, got ", dtype_str(B.scalar_type()));
+  int bits = 0;
+  TORCH_CHECK(valid_weight(qweight, B, A, codebook, qweight.device(), &bits), t_error.c_str());
+  c10::cuda::CUDAGuard guard(qweight.device());
+  return dequant_impl(qweight, B, A, codebook, B.scalar_type(), bits);
+}
+
+bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
+                  const at::Tensor& codebook, const c10::optional<at::Tensor>& bias, int64_t path, int64_t splits) {
+  LORDS_REQUIRE(x.is_cuda(), "x: expected a CUDA tensor, got device ", device_str(x.device()));
+  LORDS_REQUIRE(is_half_type(x.scalar_type()), "x: expected dtype float16 or bfloat16, got ",
+                dtype_str(x.scalar_type()));
+  LORDS_REQUIRE(x.dim() == 2, "x: expected 2-D [M, K], got shape ", shape_str(x));
+  LORDS_REQUIRE(x.is_contiguous(), "x: expected a contiguous tensor");
+  LORDS_REQUIRE(splits >= 0, "splits: expected 0 (automatic) or a positive split-K count, got ", splits);
+  LORDS_REQUIRE(path >= -1 && path <= 1, "path: expected -1 (auto), 0 (fused decode) or 1 (dequant + cuBLAS), got ",
+                path);
+  LORDS_REQUIRE(A.dim() == 2 && x.size(1) == A.size(1), "x: expected shape [M, K] with K = A.shape[1], got x ",
+                shape_str(x), " and A ", shape_str(A));
+  const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
+  LORDS_REQUIRE(path != 0 || M <= kDecodeMaxM, "x: the fused decode kernel (path=0) takes M <= ", (int)kDecodeMaxM,
+                " rows, got M=", M);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    LORDS_REQUIRE(b.device() == x.device(), "bias: expected device ", device_str(x.device()), ", got ",
+                  device_str(b.device()));
+    LORDS_REQUIRE(b.dim() == 1 && b.size(0) == N, "bias: expected shape [", N, "], got ", shape_str(b));
+    LORDS_REQUIRE(float_kind(b.scalar_type()), "bias: expected dtype float32, float16 or bfloat16, got ",
+                  dtype_str(b.scalar_type()));
+    LORDS_REQUIRE(b.is_contiguous(), "bias: expected a contiguous tensor");
+  }
+  return true;
+}
+
+at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& B_in,
+                               const at::Tensor& A_in, const at::Tensor& codebook,
+                               const c10::optional<at::Tensor>& bias, int64_t path, int64_t splits) {
+  TORCH_CHECK(valid_matmul(x, qweight, B_in, A_in, codebook, bias, path, splits), t_error.c_str());
+  int bits = 0;
+  TORCH_CHECK(valid_weight(qweight, B_in, A_in, codebook, x.device(), &bits), t_error.c_str());
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
+  const bool fused = path == 0 || (path == -1 && M <= kDecodeMaxM);
+  if (M == 0) return at::empty({0, N}, x.options());
+  if (!fused) {
+    auto W = dequant_impl(qweight, B_in, A_in, codebook, x.scalar_type(), bits);
+    if (bias.has_value()) return at::addmm(bias->to(x.scalar_type()), x, W.t());
+    return at::mm(x, W.t());
+  }
+
+  // The scale mma runs in x's 16-bit type; B and A in another dtype are converted (an extra copy).
+  const at::Tensor B = B_in.to(x.scalar_type()).contiguous();
+  const at::Tensor A = A_in.to(x.scalar_type()).contiguous();
+  const int sms = sm_count(x.device());
+  const int r = (int)B.size(1);
+  DecodePlan plan = decode_plan(N, K, r, (int)M, (int)x.element_size(), sms);
+  if (splits > 0) plan = decode_plan_with_splits(N, K, r, (int)M, (int)x.element_size(), (int)splits);
+  auto y = at::empty({M, N}, x.options());
+  at::Tensor ws;
+  int* counters = nullptr;
+  if (plan.splits > 1) {
+    ws = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
+    counters = counters_for(x.device()).data_ptr<int>();
+  }
+  DecodeArgs a{dtype_of(x),
+               bits,
+               x.data_ptr(),
+               qweight.data_ptr<uint8_t>(),
+               B.data_ptr(),
+               A.data_ptr(),
+               codebook.data_ptr(),
+               kind_of(codebook),
+               bias.has_value() ? bias->data_ptr() : nullptr,
+               bias.has_value() ? kind_of(*bias) : 0,
+               y.data_ptr(),
+               plan.splits > 1 ? ws.data_ptr<float>() : nullptr,
+               counters,
+               (int)M,
+               N,
+               K,
+               r,
+               plan.splits,
+               plan.k_per_split};
+  decode_gemm(a, c10::cuda::getCurrentCUDAStream());
+  return y;
+}
+
+at::Tensor dequant_meta(const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
+                        const at::Tensor& codebook) {
+  return at::empty({B.size(0), A.size(1)}, B.options());
+}
+
+at::Tensor dequant_matmul_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& B,
+                               const at::Tensor& A, const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
+                               int64_t path, int64_t splits) {
+  return at::empty({x.size(0), B.size(0)}, x.options());
+}
+
+}  // namespace
+}  // namespace lords
+
+TORCH_LIBRARY_FRAGMENT(lords, m) {
+  m.def("dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook) -> Tensor");
+  m.def(
+      "dequant_matmul_cuda(Tensor x, Tensor qweight, Tensor B, Tensor A, Tensor codebook, Tensor? bias=None, "
+      "int path=-1, int splits=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lords, CUDA, m) {
+  m.impl("dequant_cuda", &lords::dequant_cuda);
+  m.impl("dequant_matmul_cuda", &lords::dequant_matmul_cuda);
+}
+
+TORCH_LIBRARY_IMPL(lords, Meta, m) {
+  m.impl("dequant_cuda", &lords::dequant_meta);
+  m.impl("dequant_matmul_cuda", &lords::dequant_matmul_meta);
+}

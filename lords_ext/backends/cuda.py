@@ -1,0 +1,95 @@
+"""The CUDA backend: hand-written kernels from csrc/, compiled into lords_ext._C by setup.py.
+
+Ops it calls (registered by csrc/ops.cpp):
+  torch.ops.lords.dequant_matmul_cuda(x2d, qweight, B, A, codebook, bias, path, splits)
+      path -1: fused tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS;
+      splits 0: the kernel's own split-K plan (other values are for tuning).
+  torch.ops.lords.dequant_cuda(qweight, B, A, codebook) -> W in B.dtype (float16 / bfloat16).
+Both take any rank r up to 128 in one launch. `y = x @ (codebook[Q] * (B @ A)).T` is linear in
+`S = B @ A`, so a larger rank runs as a sum over rank chunks of 128 (W likewise).
+
+Not here: grad_scales (left to the other backends), float32/float64 activations (the kernels
+multiply in fp16/bf16 on tensor cores; `supports` says no). B and A in another dtype than x are cast
+to x.dtype first (one extra small copy per call).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_RANK_CHUNK = 128  # csrc/lords_kernels.h kMaxRank
+_HALF = (torch.float16, torch.bfloat16)
+
+try:
+    from .. import _C  # noqa: F401  (importing it registers torch.ops.lords.*_cuda)
+
+    LOAD_ERROR: str | None = None
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = f"{type(e).__name__}: {e}"
+
+
+def built() -> bool:
+    """Was lords_ext._C built and loadable here (independent of a GPU being present)?"""
+    return _C is not None and hasattr(torch.ops.lords, "dequant_matmul_cuda")
+
+
+def available() -> bool:
+    return built() and torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supports(op: str, t: torch.Tensor, M: int) -> bool:
+    if not (available() and t.is_cuda):
+        return False
+    if _capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) < (8, 0):
+        return False  # bf16 mma.sync needs sm_80
+    if op == "dequant":
+        return t.dtype == torch.uint8
+    if op in ("dequant_matmul", "grad_x"):
+        return t.dtype in _HALF
+    return False
+
+
+def _rank_chunks(B: torch.Tensor, A: torch.Tensor):
+    r = B.shape[1]
+    for j in range(0, r, _RANK_CHUNK):
+        yield B[:, j : j + _RANK_CHUNK].contiguous(), A[j : j + _RANK_CHUNK].contiguous()
+
+
+def dequant(qweight, B, A, codebook):
+    if B.dtype not in _HALF:
+        # The scale product runs on fp16/bf16 tensor cores; a float32/float64 W is the reference's job.
+        from . import reference
+
+        return reference.dequant(qweight, B, A, codebook)
+    A = A.to(B.dtype)
+    if B.shape[1] <= _RANK_CHUNK:
+        return torch.ops.lords.dequant_cuda(qweight, B, A, codebook)
+    W = None
+    for Bc, Ac in _rank_chunks(B, A):
+        part = torch.ops.lords.dequant_cuda(qweight, Bc, Ac, codebook).float()
+        W = part if W is None else W + part
+    return W.to(B.dtype)
+
+
+def dequant_matmul(x2d, qweight, B, A, codebook, bias, path: int = -1):
+    if B.shape[1] <= _RANK_CHUNK:
+        return torch.ops.lords.dequant_matmul_cuda(x2d, qweight, B, A, codebook, bias, path)
+    y = None
+    for Bc, Ac in _rank_chunks(B, A):
+        part = torch.ops.lords.dequant_matmul_cuda(x2d, qweight, Bc, Ac, codebook, None, path).float()
+        y = part if y is None else y + part
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2d.dtype)
+
+
+def grad_x(grad_y2d, qweight, B, A, codebook):
+    W = dequant(qweight, B.to(grad_y2d.dtype), A.to(grad_y2d.dtype), codebook)
+    return grad_y2d @ W

@@ -1,0 +1,194 @@
+"""CUDA backend (csrc/ kernels) against the reference backend, and against Triton where it runs.
+
+Skipped without a GPU or without the built extension. Shapes: the BENCHMARKING.md matrix (Llama-3-8B
+linears, M from 1 to 8192, 4-bit with the parity rank for block 64) plus odd shapes (N not a multiple
+of the 256-row block, K not a multiple of the 128-wide superchunk, odd ranks, ranks past 128), every
+bit width, fp16 and bf16. Every comparison is in float64 against a float32 reference computed on the
+same 16-bit-rounded inputs, on fresh random data, with cached allocator memory poisoned with NaN first
+so an unwritten output element cannot pass.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lords_ext.backends import cuda as cuda_backend
+from lords_ext.backends import reference
+from lords_ext.formats import get_codebook, pack
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cuda_backend.built(), reason=f"lords_ext._C not built ({cuda_backend.LOAD_ERROR})"),
+]
+
+# bf16/fp16 W rounding alone gives ~3e-3; indexing or packing bugs give O(1).
+TOL = 1e-2
+LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
+
+
+def parity_rank(N, K, block=64):
+    return max(1, N * K // (block * (N + K)))
+
+
+def make(M, N, K, r, bits, dtype=torch.bfloat16, seed=0, codebook=None, scale_dtype=None):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cb = get_codebook(codebook or f"nf{bits}")[0] if not isinstance(codebook, torch.Tensor) else codebook
+    codes = torch.randint(0, 1 << bits, (N, K), generator=gen)
+    qweight = pack(codes, bits).cuda()
+    sd = scale_dtype or dtype
+    B = ((torch.rand(N, r, generator=gen) + 0.1) / math.sqrt(r)).to("cuda", sd)
+    A = ((torch.rand(r, K, generator=gen) + 0.1) * (0.2 / math.sqrt(r))).to("cuda", sd)
+    x = torch.randn(M, K, generator=gen).to("cuda", dtype)
+    bias = torch.randn(N, generator=gen).to("cuda", dtype)
+    return x, qweight, B, A, cb.cuda(), bias
+
+
+def poison(nbytes):
+    torch.full((max(nbytes, 1 << 22) // 4,), float("nan"), device="cuda")
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output holds NaN/inf (an element was not written?)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def ref_matmul(x, qweight, B, A, cb, bias):
+    return reference.dequant_matmul(x.float(), qweight, B.float(), A.float(), cb, None if bias is None else bias.float())
+
+
+@pytest.mark.parametrize("N,K", LLAMA)
+@pytest.mark.parametrize("M", MS)
+def test_benchmark_matrix_4bit(N, K, M):
+    r = parity_rank(N, K)
+    x, qweight, B, A, cb, bias = make(M, N, K, r, 4, seed=M + N)
+    ref = ref_matmul(x, qweight, B, A, cb, None)
+    poison(M * N * 16)
+    y = cuda_backend.dequant_matmul(x, qweight, B, A, cb, None)
+    assert y.shape == (M, N) and y.dtype == x.dtype
+    assert rel(y, ref) < TOL
+    try:
+        from lords_ext.backends import triton_backend
+    except ImportError:
+        return
+    if triton_backend.available() and triton_backend.supports("dequant_matmul", x, M) and M in (1, 16, 256):
+        yt = triton_backend.dequant_matmul(x, qweight, B, A, cb, None)
+        assert rel(y, yt.float()) < 2 * TOL, "CUDA and Triton disagree"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M,N,K,r",
+    [
+        (1, 4096, 4096, 32),
+        (2, 1000, 1024, 17),  # N not a multiple of 256
+        (7, 520, 1032, 1),  # K not a multiple of 128 (scalar path), r = 1
+        (16, 768, 2048, 64),
+        (9, 300, 392, 130),  # r > 128: two rank chunks
+        (13, 257, 8200, 100),
+        (40, 640, 768, 48),  # dequant + cuBLAS
+    ],
+)
+def test_odd_shapes_all_bits(M, N, K, r, bits, dtype):
+    x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 1000 + M)
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    poison(M * N * 64)
+    y = cuda_backend.dequant_matmul(x, qweight, B, A, cb, bias)
+    assert rel(y, ref) < TOL
+    W = cuda_backend.dequant(qweight, B, A, cb)
+    assert W.dtype == B.dtype and W.shape == (N, K)
+    assert rel(W, reference.dequant(qweight, B.float(), A.float(), cb)) < TOL
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_fused_and_cublas_paths_agree(bits, M):
+    x, qweight, B, A, cb, bias = make(M, 1536, 2048, 32, bits, seed=7 * M + bits)
+    y0 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 0)
+    y1 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 1)
+    assert rel(y0, y1.float()) < TOL
+    assert rel(y0, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+
+
+def test_mixed_dtypes_custom_codebook():
+    # fp32 scales and bias, fp16 activations, a custom fp32 codebook: converted on the way in.
+    levels = torch.sort(torch.randn(16))[0]
+    x, qweight, B, A, cb, bias = make(3, 700, 1024, 24, 4, torch.float16, codebook=levels, scale_dtype=torch.float32)
+    bias32 = bias.float()
+    ref = ref_matmul(x, qweight, B, A, cb, bias32)
+    y = cuda_backend.dequant_matmul(x, qweight, B, A, cb, bias32)
+    assert y.dtype == torch.float16 and rel(y, ref) < TOL
+    y16 = cuda_backend.dequant_matmul(x, qweight, B, A, cb.to(torch.bfloat16), bias32)
+    assert rel(y16, ref_matmul(x, qweight, B, A, cb.to(torch.bfloat16).float(), bias32)) < TOL
+
+
+def test_split_k_is_deterministic_and_counters_reset():
+    x, qweight, B, A, cb, bias = make(4, 4096, 4096, 32, 4, seed=11)
+    ys = [cuda_backend.dequant_matmul(x, qweight, B, A, cb, bias) for _ in range(4)]
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+    x2 = torch.randn_like(x)
+    y2 = cuda_backend.dequant_matmul(x2, qweight, B, A, cb, bias)
+    assert rel(y2, ref_matmul(x2, qweight, B, A, cb, bias)) < TOL
+
+
+def test_cuda_graph_capture_and_replay():
+    x, qweight, B, A, cb, bias = make(1, 2048, 4096, 32, 4, seed=12)
+    cuda_backend.dequant_matmul(x, qweight, B, A, cb, bias)  # warm up (counter buffer)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = cuda_backend.dequant_matmul(x, qweight, B, A, cb, bias)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel(y, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+
+
+def test_grad_x_and_public_op(monkeypatch):
+    x, qweight, B, A, cb, bias = make(6, 512, 1024, 16, 3, seed=13)
+    gy = torch.randn(6, 512, device="cuda", dtype=x.dtype)
+    gx = cuda_backend.grad_x(gy, qweight, B, A, cb)
+    assert rel(gx, reference.grad_x(gy.float(), qweight, B.float(), A.float(), cb)) < TOL
+    import lords_ext  # noqa: F401  (public ops)
+
+    monkeypatch.setenv("LORDS_BACKEND", "cuda")
+    y = torch.ops.lords.dequant_matmul(x.view(2, 3, -1), qweight, B, A, cb, bias)
+    assert y.shape == (2, 3, 512)
+    assert rel(y.reshape(6, 512), ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+
+
+def test_bad_inputs_name_the_argument():
+    x, qweight, B, A, cb, bias = make(2, 256, 512, 8, 4)
+    op = torch.ops.lords.dequant_matmul_cuda
+    cases = [
+        ((x.float(), qweight, B, A, cb, None, -1), "x: expected dtype"),
+        ((x.t().contiguous().t(), qweight, B, A, cb, None, -1), "x:"),
+        ((x, qweight[:, :-1].contiguous(), B, A, cb, None, -1), "qweight: expected shape"),
+        ((x, qweight.to(torch.int8), B, A, cb, None, -1), "qweight: expected dtype"),
+        ((x, qweight, B, A, cb[:5].contiguous(), None, -1), "codebook"),
+        ((x, qweight, B[:, :4].contiguous(), A, cb, None, -1), "B, A"),
+        ((x, qweight, B, A, cb, bias[:-1], -1), "bias: expected shape"),
+        ((x, qweight, B, A, cb, None, 7), "path"),
+        ((torch.randn(17, 512, device="cuda", dtype=x.dtype), qweight, B, A, cb, None, 0), "M <= 16"),
+        ((x, qweight.cpu(), B, A, cb, None, -1), "qweight: expected device"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg.replace("(", r"\(")):
+            op(*args)
+    big_r = torch.randn(256, 129, device="cuda", dtype=x.dtype)
+    with pytest.raises(RuntimeError, match=r"r\): expected 1 <= r <= 128"):
+        op(x, qweight, big_r, torch.randn(129, 512, device="cuda", dtype=x.dtype), cb, None, -1)
+
+
+def test_opcheck_backend_ops():
+    x, qweight, B, A, cb, bias = make(3, 256, 512, 8, 4)
+    torch.library.opcheck(torch.ops.lords.dequant_matmul_cuda.default, (x, qweight, B, A, cb, bias, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.lords.dequant_cuda.default, (qweight, B, A, cb),
+                          test_utils=("test_schema", "test_faketensor"))
