@@ -252,7 +252,10 @@ class Runner:
             cfg = LordsConfig(bits=bits, block=64, steps=self.args.ptq_steps)
             sync(self.dev)
             t0 = time.perf_counter()
-            quantize_model(m, cfg, device=self.dev, progress=False)
+            # quantize.py builds one small tensor on the default device (the CPU) while quantizing on the
+            # GPU; making the GPU the default device for the call avoids the device mismatch.
+            with torch.device(self.dev):
+                quantize_model(m, cfg, device=self.dev, progress=False)
             sync(self.dev)
             self.ptq[bits] = (m.to("cpu"), time.perf_counter() - t0)
         m, secs = self.ptq[bits]

@@ -60,13 +60,15 @@ class _QATBase(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """W_hat [N, K] in the latent weight's dtype, differentiable (STE) in the weight and the scales."""
-        S = self.scale_matrix()
-        u = self.weight / _safe_divisor(S)
-        return ste_round_to_level(u, self.codebook) * S
+        # Outside autocast: a bf16 B @ A would round the scales and pick other codes than freeze().
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            S = self.scale_matrix()
+            u = self.weight / _safe_divisor(S)
+            return ste_round_to_level(u, self.codebook) * S
 
     def codes(self) -> torch.Tensor:
         """[N, K] uint8 codes the current latent weight and scales round to."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=self.weight.device.type, enabled=False):
             S = self.scale_matrix()
             return nearest_level(self.weight / _safe_divisor(S), self.codebook)
 

@@ -74,6 +74,15 @@ def test_freeze_equals_qat_forward(bits, gen):
         torch.testing.assert_close(frozen(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
+def test_quantized_weight_ignores_autocast(gen):
+    layer = random_qat(8, 32, 2, 4, gen, dtype=torch.float32)
+    with torch.no_grad():
+        plain = layer.quantized_weight()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = layer.quantized_weight()
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+
+
 def test_from_linear_starts_at_the_ptq_result(gen):
     torch.manual_seed(0)
     lin = nn.Linear(64, 24)
