@@ -110,7 +110,8 @@ def _lowrank_of_blocks(S_blocks: torch.Tensor, starts: torch.Tensor, K: int, r: 
     With E the [nb, K] block-indicator matrix, S = S_blocks E and E E^T = diag(len), so
     S = (S_blocks diag(sqrt len)) (diag(1/sqrt len) E), the right factor having orthonormal rows:
     the SVD of the small left factor gives the SVD of S."""
-    lengths = torch.diff(torch.cat([starts, torch.tensor([K])])).to(S_blocks)
+    starts = starts.to(S_blocks.device)
+    lengths = torch.diff(torch.cat([starts, starts.new_tensor([K])])).to(S_blocks)
     U, sig, Vh = torch.linalg.svd(S_blocks * lengths.sqrt(), full_matrices=False)
     r_eff = min(r, sig.numel())
     root = sig[:r_eff].sqrt()
@@ -330,7 +331,7 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
     else:
         starts = _block_bounds(K, r)
     S_blocks = block_scales(Wf, cb, starts, cfg.init_scales == "search", cfg.search_grid)
-    B, A, init_scale_err = _lowrank_of_blocks(S_blocks, starts.to(Wf.device), K, r)
+    B, A, init_scale_err = _lowrank_of_blocks(S_blocks, starts, K, r)
     B, A = B.to(Wf.device), A.to(Wf.device)
     H = _check_hessian(hessian, K, Wf.device) if hessian is not None else None
 
