@@ -14,5 +14,9 @@ from .quantize import (
     relative_error,
 )
 from .nn import LordsLinear
+from .model import load_quantized, quantize_model, save_quantized
+from .peft import load_adapter, prepare_for_peft, save_adapter
+from .qat import BlockQATLinear, LordsQATLinear, freeze_model, param_groups, prepare_for_qat
+from .selftest import selftest
 
 __version__ = "0.1.0"
