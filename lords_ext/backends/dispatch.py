@@ -7,9 +7,17 @@ Order of decisions:
 3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
    token count M that is available and supports the call; the reference backend closes every list.
 
-POLICY rows are (minimum compute capability, largest M, backends in order of preference). The first
-row whose capability is <= the GPU's and whose M bound is >= M applies. The order follows the H100
-measurements in bench/ (see the notes there); GPUs before sm_80 get no fused kernel.
+POLICY rows are (minimum compute capability, largest M, largest rank r, backends in order of
+preference); None means no bound. The first row whose capability is <= the GPU's and whose bounds
+hold applies. The rows follow the H100 measurements (bench/cuda_notes.md, bench/triton_notes.md;
+CUDA graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank):
+
+    4096x4096 r=32   M=1: cuda 14.5 us, triton 22.8 | M=4: 16.0 vs 22.2 | M=16: 23.2 vs 23.1 | M=64: 56.8 vs 28.1
+    1024x4096 r=12   M=1: cuda 7.0, triton 8.8      | M=4: 9.2 vs 8.6   | M=16: 19.8 vs 9.4
+    14336x4096 r=49  M=1: cuda 103, triton 83       | M=16: 129 vs 79   | M=4096: 920 vs 844
+
+so the CUDA decode kernel leads only for M <= 4 with r <= 32, Triton everywhere else (its large-M
+path is a fused dequantize then cuBLAS). GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -21,10 +29,10 @@ from . import available, get, names
 
 ENV = "LORDS_BACKEND"
 
-POLICY: list[tuple[tuple[int, int], int | None, tuple[str, ...]]] = [
-    ((8, 0), 16, ("cuda", "triton", "reference")),
-    ((8, 0), None, ("triton", "cuda", "reference")),
-    ((0, 0), None, ("reference",)),
+POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
+    ((8, 0), 4, 32, ("cuda", "triton", "reference")),
+    ((8, 0), None, None, ("triton", "cuda", "reference")),
+    ((0, 0), None, None, ("reference",)),
 ]
 
 
@@ -37,18 +45,19 @@ def forced() -> str | None:
     return value
 
 
-def candidates(device: torch.device, M: int) -> tuple[str, ...]:
+def candidates(device: torch.device, M: int, rank: int | None = None) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)
     cc = torch.cuda.get_device_capability(device)
-    for min_cc, max_m, order in POLICY:
-        if cc >= min_cc and (max_m is None or M <= max_m):
+    for min_cc, max_m, max_r, order in POLICY:
+        if cc >= min_cc and (max_m is None or M <= max_m) and (max_r is None or (rank or 0) <= max_r):
             return order
     return ("reference",)
 
 
-def choose(op: str, t: torch.Tensor, M: int) -> str:
-    """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows."""
+def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None) -> str:
+    """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows and
+    scale rank `rank`."""
     name = forced()
     if name is not None:
         mod = get(name)
@@ -59,7 +68,7 @@ def choose(op: str, t: torch.Tensor, M: int) -> str:
                 f"{ENV}={name}: that backend does not support {op} for a {t.dtype} tensor on {t.device} (M={M})"
             )
         return name
-    for name in candidates(t.device, M):
+    for name in candidates(t.device, M, rank):
         mod = get(name)
         if mod is not None and hasattr(mod, op) and mod.available() and mod.supports(op, t, M):
             return name
@@ -74,8 +83,9 @@ def describe(device: torch.device | None = None) -> str:
                                     if device.type == "cuda" else "")]
     lines.append("backends available: " + ", ".join(n for n in names() if available(n)))
     probe = torch.empty(0, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096):
-        lines.append(f"  dequant_matmul M={M:<5d} -> {choose('dequant_matmul', probe, M)}")
+    for r in (32, 64):
+        for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096):
+            lines.append(f"  dequant_matmul r={r:<3d} M={M:<5d} -> {choose('dequant_matmul', probe, M, r)}")
     if forced():
         lines.append(f"(forced by {ENV}={forced()})")
     return "\n".join(lines)
