@@ -23,3 +23,12 @@ def random_lords(N, K, r, bits, gen, dtype=torch.float32, codebook=None, device=
     A = (torch.randn(r, K, generator=gen) * 0.3 + 1.0).to(dtype)
     return (lords_ext.pack(codes, bits).to(device), B.to(device), A.to(device),
             cb.to(device=device, dtype=torch.float32), codes)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread is an order of magnitude faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

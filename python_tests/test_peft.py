@@ -13,12 +13,7 @@ from lords_ext.peft import (ADAPTER_META, ADAPTER_TENSORS, AdapterError, check_c
                             prepare_for_peft, save_adapter)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_from(qweight, B, A, cb, bits, bias):

@@ -10,12 +10,7 @@ from lords_ext.qat import (BlockQATLinear, LordsQATLinear, freeze_model, param_g
                            ste_round_to_level)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_qat(N, K, r, bits, gen, dtype=torch.float64, codebook=None):
