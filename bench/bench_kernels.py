@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop timing new cases after this many seconds (the rest is reported as skipped)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-log", default=None, metavar="LOG",
+                   help="rebuild JSON, plots and table from the progress log of a run that was cut off")
     p.add_argument("--device", default="cuda",
                    help="cuda (the benchmark); cpu only smoke-tests this harness (host clock, no graphs)")
     p.add_argument("--rotation-mb", type=float, default=timing.MIN_ROTATION_BYTES / 1e6,
@@ -181,7 +184,9 @@ def run_case(shape, M, c, x, target_s, device) -> dict[str, Any]:
     return record(shape, M, c, "ok", rel_err=max(err, err_after), info=info, weight_gb_per_s=gbps, **t.as_dict())
 
 
-def run(args) -> dict[str, Any]:
+def run(args, checkpoint=None) -> dict[str, Any]:
+    """Time every (shape, M, method). `checkpoint(partial_report)` is called after each shape, so a
+    run stopped from outside still leaves its finished shapes on disk."""
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references must be fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -235,6 +240,9 @@ def run(args) -> dict[str, Any]:
         lw_cache.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if checkpoint is not None:
+            checkpoint({"results": results, "floors": floors, "unavailable": skipped,
+                        "seconds": time.monotonic() - t_start, "partial": True})
     return {"results": results, "floors": floors, "unavailable": skipped,
             "seconds": time.monotonic() - t_start}
 
@@ -405,8 +413,98 @@ def _jsonable(o):
     return str(o)
 
 
+_LOG_CASE = re.compile(r"^  (?P<label>.+?)\s+M=(?P<M>\d+)\s+(?P<rest>.*)$")
+_LOG_TIME = re.compile(r"^(?P<us>[\d.]+) us  \[p10 (?P<p10>[\d.]+), p90 (?P<p90>[\d.]+)\]  err (?P<err>\S+)")
+_LOG_FLOOR = re.compile(r"^  floor (?P<note>.+): (?P<us>[\d.]+) us \(")
+_LOG_BUILT = re.compile(r"^  built (?P<label>.+?): (?P<copies>\d+) copies x (?P<mb>[\d.]+) MB \((?P<note>.*)\)$")
+
+
+def report_from_log(path: str) -> dict[str, Any]:
+    """The report of a run, parsed back from its progress lines (for a run stopped before the end).
+    Keys and families come from the labels of methods.py; per-case detail beyond the printed
+    figures (replay counts, calls per replay) is not in the log and stays absent."""
+    label_key = {}
+    results: list[dict[str, Any]] = []
+    floors: dict[str, Any] = {}
+    env: dict[str, Any] = {}
+    shape, built = None, {}
+    with open(path) as fh:
+        for line in fh:
+            line = line.rstrip("\n")
+            if line.startswith("environment: "):
+                m = re.search(r"gpu=([^,]+)", line)
+                env["gpu"] = m.group(1) if m else "?"
+                env["line"] = line[len("environment: "):]
+            elif line.startswith("== "):
+                shape = line[3:].split(":")[0]
+                built = {}
+            elif (m := _LOG_BUILT.match(line)):
+                built[m["label"]] = (int(m["copies"]), float(m["mb"]) * 1e6, m["note"])
+            elif (m := _LOG_FLOOR.match(line)):
+                N, K = (int(v) for v in shape.split("x"))
+                nbytes = methods.lords_bytes(N, K, 4, methods.parity_rank(N, K))
+                us = float(m["us"])
+                if shape not in floors or us < floors[shape]["us"]:
+                    floors[shape] = {"us": us, "bytes": nbytes, "tb_per_s": nbytes / us / 1e6, "variant": m["note"]}
+            elif shape and (m := _LOG_CASE.match(line)):
+                label, M, rest = m["label"].strip(), int(m["M"]), m["rest"]
+                if not label_key:
+                    label_key.update(_labels())
+                key, family = label_key.get(label, (label, "existing"))
+                N, K = (int(v) for v in shape.split("x"))
+                copies, nbytes, note = built.get(label, (0, 0, ""))
+                rec = {"shape": shape, "N": N, "K": K, "M": M, "key": key, "label": label, "family": family,
+                       "copies": copies, "bytes_per_copy": nbytes, "note": note}
+                if (t := _LOG_TIME.match(rest)):
+                    rec.update(status="ok", us=float(t["us"]), p10_us=float(t["p10"]), p90_us=float(t["p90"]),
+                               rel_err=float(t["err"]), graph="(eager" not in rest,
+                               info=rest.split("weights", 1)[1].strip() if "weights" in rest else "")
+                elif rest.startswith("WRONG"):
+                    rec.update(status="wrong", reason=rest)
+                elif rest.startswith("skip"):
+                    rec.update(status="skipped", reason=rest)
+                else:
+                    rec.update(status="error", reason=rest)
+                results.append(rec)
+    return {"results": results, "floors": floors, "unavailable": {}, "environment": env,
+            "seconds": float("nan"), "from_log": os.path.abspath(path)}
+
+
+def _labels() -> dict[str, tuple[str, str]]:
+    """label -> (key, family) for every contender label methods.py can print."""
+    out = {f"LoRDS {n}": (f"lords_{n}", "lords") for n in ("cuda", "triton", "reference")}
+    out.update({"LoRDS op": ("lords_op", "lords"), "LordsLinear": ("lords_linear", "lords"),
+                "cuBLAS bf16": ("cublas", "existing"), "bnb NF4": ("bnb_nf4", "existing"),
+                "bnb NF4 (double quant)": ("bnb_nf4_dq", "existing"),
+                f"QLoRA NF4+r{methods.LORA_RANK}": ("qlora", "qlora"),
+                "torch int4 g64": ("torch_int4", "existing"), "gemlite A16W4 g64": ("gemlite", "existing")})
+    return out
+
+
+def _write(report: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(_jsonable(report), fh, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if args.from_log:
+        report = report_from_log(args.from_log)
+        report["command"] = f"(rebuilt from {args.from_log})"
+        report["summary"] = summarize(report)
+        _write(report, args.out)
+        print(f"wrote {args.out}")
+        if (args.plot_dir or "").lower() != "none":
+            for p in plot(report, args.plot_dir or out_dir):
+                print(f"wrote {p}")
+        print(f"(rebuilt from the log {args.from_log}; {report['environment'].get('gpu', '?')})")
+        print()
+        print(format_table(report))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU is visible; nothing to time (run it on a GPU machine, e.g. bench/run_h100.sh)")
@@ -415,15 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"shapes {[f'{n}x{k}' for n, k in args.shape_list]}, M {args.m_list}, methods {args.keys}")
+    command = " ".join([os.path.basename(sys.executable), "-m", "bench.bench_kernels"]
+                       + (argv if argv is not None else sys.argv[1:]))
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        _write({**partial, "environment": env, "command": command}, args.out)
+
     with torch.no_grad():
-        report = run(args)
+        report = run(args, checkpoint)
     report["environment"] = env
-    report["command"] = " ".join([os.path.basename(sys.executable), "-m", "bench.bench_kernels"] + (argv if argv is not None else sys.argv[1:]))
+    report["command"] = command
     report["summary"] = summarize(report)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(_jsonable(report), fh, indent=1)
+    _write(report, args.out)
     print(f"wrote {args.out}")
     if (args.plot_dir or "").lower() != "none":
         for p in plot(report, args.plot_dir or out_dir):
