@@ -81,8 +81,13 @@ def test_pure_python_install_works(tmp_path):
     pkg = target / "lords_ext"
     assert (pkg / "__init__.py").exists() and (pkg / "backends" / "cuda.py").exists()
     assert not list(pkg.glob("_C*.so")), "LORDS_BUILD_CUDA=0 must not build the extension"
+    # An editable install of a checkout puts a finder on sys.meta_path that would shadow PYTHONPATH:
+    # drop it so the probe imports the package just installed into `target`.
     probe = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
         "import torch, lords_ext\n"
+        f"assert lords_ext.__file__.startswith({str(target)!r}), lords_ext.__file__\n"
         "from lords_ext.backends import cuda\n"
         "from lords_ext.formats import pack, get_codebook\n"
         "assert not cuda.built(), 'no extension expected'\n"
