@@ -53,7 +53,9 @@ class Contender:
 
 def parity_rank(N: int, K: int, block: int = BLOCK) -> int:
     """r = floor(N*K / (block*(N + K))), at least 1 (LORDS.md): 32 for 4096x4096 at block 64."""
-    return max(1, (N * K) // (block * (N + K)))
+    from lords_ext.quantize import parity_rank as rank
+
+    return rank(N, K, block)
 
 
 def lords_bytes(N: int, K: int, bits: int, r: int) -> int:
@@ -155,7 +157,7 @@ def lords_op(N: int, K: int, device: torch.device, lw: LordsWeights) -> Contende
 
     def info(x):
         try:
-            return "dispatch -> " + lords_ext.backends.dispatch.choose("dequant_matmul", x, x.shape[0])
+            return "dispatch -> " + lords_ext.backends.dispatch.choose("dequant_matmul", x, x.shape[0], lw.r)
         except Exception as exc:  # noqa: BLE001 - informational only
             return f"dispatch unknown ({exc})"
 
