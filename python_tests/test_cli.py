@@ -17,12 +17,7 @@ WORDS = ("the cat dog sat on mat and ran far away from home to a big red house w
          "under blue sky while bird sang song in tree near old river by hill").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from lords_ext.nn import LordsLinear  # noqa: E402
 from lords_ext.quantize import LordsConfig, blockwise_quantize  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: one thread is an order of magnitude faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0, tie=True, hidden=64, inter=128, vocab=96, layers=2):
