@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._records import read_record
 from .formats import CODEBOOK_NAMES, get_codebook, pack_group
 from .nn import LordsLinear
 from .quantize import LordsConfig, LordsQuantized, blockwise_quantize, quantize_weight
@@ -326,20 +327,8 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, *, source: str |
 
 def read_metadata(directory) -> dict:
     """lords_quant.json of a saved directory, checked for format name and version."""
-    d = Path(directory)
-    p = d / METADATA_FILE
-    if not p.is_file():
-        raise QuantizedFormatError(f"{d}: no {METADATA_FILE}; this is not a directory written by lords_ext.save_quantized")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizedFormatError(f"{p}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise QuantizedFormatError(f"{p}: format: expected {FORMAT_NAME!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise QuantizedFormatError(
-            f"{p}: format_version: this lords_ext reads version {FORMAT_VERSION}, the file has version "
-            f"{meta.get('format_version')!r}; save it again with a matching lords_ext")
+    p, meta = read_record(directory, METADATA_FILE, FORMAT_NAME, FORMAT_VERSION, QuantizedFormatError,
+                          "lords_ext.save_quantized")
     for key in ("layers", "tensors_file", "tensors_bytes"):
         if key not in meta:
             raise QuantizedFormatError(f"{p}: expected a {key!r} entry, missing")

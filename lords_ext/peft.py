@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._records import read_record
 from .nn import LordsLinear
 
 ADAPTER_FORMAT = "lords-adapter"
@@ -157,20 +158,8 @@ def save_adapter(model: nn.Module, directory, *, base: str | None = None) -> Pat
 
 
 def read_adapter_metadata(directory) -> dict:
-    d = Path(directory)
-    p = d / ADAPTER_META
-    if not p.is_file():
-        raise AdapterError(f"{d}: no {ADAPTER_META}; this is not a directory written by lords_ext.save_adapter")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{p}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise AdapterError(f"{p}: format: expected {ADAPTER_FORMAT!r}, got {got!r}")
-    if meta.get("format_version") != ADAPTER_VERSION:
-        raise AdapterError(f"{p}: format_version: this lords_ext reads version {ADAPTER_VERSION}, the file has "
-                           f"{meta.get('format_version')!r}")
+    p, meta = read_record(directory, ADAPTER_META, ADAPTER_FORMAT, ADAPTER_VERSION, AdapterError,
+                          "lords_ext.save_adapter")
     if not isinstance(meta.get("layers"), dict) or not meta["layers"]:
         raise AdapterError(f"{p}: layers: expected a non-empty mapping of layer records, got {meta.get('layers')!r}")
     return meta
