@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lords_ext import LordsConfig, LordsLinear, blockwise_quantize, get_codebook, quantize_weight
+from lords_ext import LordsConfig, LordsLinear, blockwise_quantize, get_codebook
 from lords_ext.formats import nearest_level
 from lords_ext.qat import (BlockQATLinear, LordsQATLinear, freeze_model, param_groups, prepare_for_qat,
                            ste_round_to_level)
