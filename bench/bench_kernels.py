@@ -489,22 +489,28 @@ def _write(report: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _finish(report: dict, args, out_dir: str, footer: str) -> int:
+    """Summary, JSON, plots, then the table last (the device tool returns the end of the output)."""
+    report["summary"] = summarize(report)
+    _write(report, args.out)
+    print(f"wrote {args.out}")
+    if (args.plot_dir or "").lower() != "none":
+        for p in plot(report, args.plot_dir or out_dir):
+            print(f"wrote {p}")
+    print(footer)
+    print()
+    print(format_table(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if args.from_log:
         report = report_from_log(args.from_log)
         report["command"] = f"(rebuilt from {args.from_log})"
-        report["summary"] = summarize(report)
-        _write(report, args.out)
-        print(f"wrote {args.out}")
-        if (args.plot_dir or "").lower() != "none":
-            for p in plot(report, args.plot_dir or out_dir):
-                print(f"wrote {p}")
-        print(f"(rebuilt from the log {args.from_log}; {report['environment'].get('gpu', '?')})")
-        print()
-        print(format_table(report))
-        return 0
+        return _finish(report, args, out_dir,
+                       f"(rebuilt from the log {args.from_log}; {report['environment'].get('gpu', '?')})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU is visible; nothing to time (run it on a GPU machine, e.g. bench/run_h100.sh)")
@@ -523,16 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, checkpoint)
     report["environment"] = env
     report["command"] = command
-    report["summary"] = summarize(report)
-    _write(report, args.out)
-    print(f"wrote {args.out}")
-    if (args.plot_dir or "").lower() != "none":
-        for p in plot(report, args.plot_dir or out_dir):
-            print(f"wrote {p}")
-    print(f"({report['seconds']:.0f} s of benchmarking on {env['gpu']}; command: {report['command']})")
-    print()
-    print(format_table(report))
-    return 0
+    return _finish(report, args, out_dir,
+                   f"({report['seconds']:.0f} s of benchmarking on {env['gpu']}; command: {report['command']})")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._records import read_record
+from ._records import read_record, read_tensors
 from .formats import CODEBOOK_NAMES, get_codebook, pack_group
 from .nn import LordsLinear
 from .quantize import LordsConfig, LordsQuantized, blockwise_quantize, quantize_weight
@@ -339,24 +339,7 @@ def is_quantized_dir(directory) -> bool:
 
 
 def _read_tensors(path: Path, expected_bytes: int) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    if not path.is_file():
-        raise QuantizedFormatError(f"{path}: tensors file missing")
-    size = path.stat().st_size
-    if size != expected_bytes:
-        raise QuantizedFormatError(f"{path}: expected {expected_bytes} bytes (as recorded in {METADATA_FILE}), found "
-                                   f"{size}: the file is truncated or was replaced")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            if header.get("format_version") != str(FORMAT_VERSION):
-                raise QuantizedFormatError(f"{path}: format_version: expected {FORMAT_VERSION}, the file header says "
-                                           f"{header.get('format_version')!r}")
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except QuantizedFormatError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for damaged headers and data
-        raise QuantizedFormatError(f"{path}: cannot read the tensors ({type(e).__name__}: {e}); the file is damaged") from e
+    return read_tensors(path, FORMAT_VERSION, QuantizedFormatError, expected_bytes=expected_bytes)
 
 
 def _empty_model_from_config(d: Path, dtype=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._records import read_record
+from ._records import read_record, read_tensors
 from .nn import LordsLinear
 
 ADAPTER_FORMAT = "lords-adapter"
@@ -166,20 +166,7 @@ def read_adapter_metadata(directory) -> dict:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter tensors file missing")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            if header.get("format_version") != str(ADAPTER_VERSION):
-                raise AdapterError(f"{path}: format_version: expected {ADAPTER_VERSION}, the file header says "
-                                   f"{header.get('format_version')!r}")
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except AdapterError:
-        raise
-    except Exception as e:  # safetensors' own error type for damaged headers or data
-        raise AdapterError(f"{path}: cannot read the adapter tensors ({type(e).__name__}: {e})") from e
+    return read_tensors(path, ADAPTER_VERSION, AdapterError, what="adapter tensors")
 
 
 def load_adapter(model: nn.Module, directory, *, check_codes: bool = True) -> nn.Module:
