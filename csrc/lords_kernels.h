@@ -47,6 +47,13 @@ DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms);
 DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int splits);
 void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
 
+// The re-associated kernel (reassoc_gemv.cu) for small M * r: same arguments, its own split plan.
+constexpr int kReassocMaxM = 4;
+bool reassoc_fits(int M, int r);  // M <= kReassocMaxM and M * ceil(r/8)*8 <= 64
+DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms);
+DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits);
+void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream);
+
 // W[N, K] = codebook[Q] * (B @ A) in dtype.
 struct DequantArgs {
   DType dtype;

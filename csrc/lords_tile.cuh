@@ -150,6 +150,14 @@ struct Codes {
   // The 4 codes of k-tile s (real k = 32t + 4s + j, j = 0..3). Called with s known after unrolling,
   // so every word index below is a compile-time constant and w[] stays in registers.
   __device__ __forceinline__ void quad(int s, uint32_t (&q)[4]) const {
+    const uint32_t v = raw(s);
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q[j] = (v >> (BITS * j)) & mask;
+  }
+
+  // The same quad as one unmasked word: its low 4*BITS bits are codes j = 0..3, BITS bits each.
+  __device__ __forceinline__ uint32_t raw(int s) const {
     uint32_t v;
     if constexpr (BITS == 4) {
       v = w[s / 2] >> (16 * (s % 2));
@@ -162,9 +170,7 @@ struct Codes {
       const uint64_t win = (static_cast<uint64_t>(w[wi + 1 < kWords ? wi + 1 : wi]) << 32) | w[wi];
       v = static_cast<uint32_t>(win >> (bit % 32));
     }
-    constexpr uint32_t mask = (1u << BITS) - 1u;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) q[j] = (v >> (BITS * j)) & mask;
+    return v;
   }
 };
 

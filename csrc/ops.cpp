@@ -4,9 +4,11 @@
 // the contract exists whether or not this extension was built; this file only adds backend ops:
 //   lords::dequant_cuda(qweight, B, A, codebook) -> W [N, K] in B.dtype (fp16/bf16)
 //   lords::dequant_matmul_cuda(x, qweight, B, A, codebook, bias=None, path=-1, splits=0) -> y [M, N]
-//     in x.dtype. path -1: automatic (fused decode kernel for M <= 16, else dequantize + cuBLAS),
-//     0: fused decode kernel (M <= 16), 1: dequantize + cuBLAS. splits: split-K count of the decode
-//     kernel, 0 = its own plan (for tuning). x is [M, K] (the Python layer flattens it).
+//     in x.dtype. path -1: automatic (re-associated kernel where M * ceil(r/8)*8 <= 64 and M <= 4,
+//     else the fused decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
+//     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64).
+//     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
+//     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -201,13 +203,16 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   LORDS_REQUIRE(x.dim() == 2, "x: expected 2-D [M, K], got shape ", shape_str(x));
   LORDS_REQUIRE(x.is_contiguous(), "x: expected a contiguous tensor");
   LORDS_REQUIRE(splits >= 0, "splits: expected 0 (automatic) or a positive split-K count, got ", splits);
-  LORDS_REQUIRE(path >= -1 && path <= 1, "path: expected -1 (auto), 0 (fused decode) or 1 (dequant + cuBLAS), got ",
-                path);
+  LORDS_REQUIRE(path >= -1 && path <= 2,
+                "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS) or 2 (re-associated), got ", path);
   LORDS_REQUIRE(A.dim() == 2 && x.size(1) == A.size(1), "x: expected shape [M, K] with K = A.shape[1], got x ",
                 shape_str(x), " and A ", shape_str(A));
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
   LORDS_REQUIRE(path != 0 || M <= kDecodeMaxM, "x: the fused decode kernel (path=0) takes M <= ", (int)kDecodeMaxM,
                 " rows, got M=", M);
+  LORDS_REQUIRE(path != 2 || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1))),
+                "x: the re-associated kernel (path=2) takes M <= ", (int)kReassocMaxM,
+                " and M * ceil(r/8)*8 <= 64, got M=", M, ", r=", B.dim() == 2 ? B.size(1) : -1);
   if (bias.has_value()) {
     const auto& b = *bias;
     LORDS_REQUIRE(b.device() == x.device(), "bias: expected device ", device_str(x.device()), ", got ",
@@ -228,7 +233,8 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   TORCH_CHECK(valid_weight(qweight, B_in, A_in, codebook, x.device(), &bits), t_error.c_str());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
-  const bool fused = path == 0 || (path == -1 && M <= kDecodeMaxM);
+  const bool reassoc = path == 2 || (path == -1 && reassoc_fits((int)M, (int)B_in.size(1)));
+  const bool fused = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
   if (M == 0) return at::empty({0, N}, x.options());
   if (!fused) {
     auto W = dequant_impl(qweight, B_in, A_in, codebook, x.scalar_type(), bits);
@@ -241,8 +247,11 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const at::Tensor A = A_in.to(x.scalar_type()).contiguous();
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
-  DecodePlan plan = decode_plan(N, K, r, (int)M, (int)x.element_size(), sms);
-  if (splits > 0) plan = decode_plan_with_splits(N, K, r, (int)M, (int)x.element_size(), (int)splits);
+  DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms)
+                            : decode_plan(N, K, r, (int)M, (int)x.element_size(), sms);
+  if (splits > 0)
+    plan = reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits)
+                   : decode_plan_with_splits(N, K, r, (int)M, (int)x.element_size(), (int)splits);
   auto y = at::empty({M, N}, x.options());
   at::Tensor ws;
   int* counters = nullptr;
@@ -269,7 +278,10 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                r,
                plan.splits,
                plan.k_per_split};
-  decode_gemm(a, c10::cuda::getCurrentCUDAStream());
+  if (reassoc)
+    reassoc_gemv(a, c10::cuda::getCurrentCUDAStream());
+  else
+    decode_gemm(a, c10::cuda::getCurrentCUDAStream());
   return y;
 }
 

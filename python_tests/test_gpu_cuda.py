@@ -114,6 +114,42 @@ def test_fused_and_cublas_paths_agree(bits, M):
     assert rel(y0, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M,N,K,r",
+    [
+        (1, 4096, 4096, 32),
+        (1, 14336, 4096, 49),
+        (2, 4096, 4096, 32),
+        (1, 1000, 1024, 17),  # N not a multiple of 256
+        (3, 520, 1032, 5),  # K not a multiple of 128 (scalar path)
+        (4, 257, 8200, 9),
+        (1, 300, 392, 64),
+    ],
+)
+def test_reassociated_path_all_bits(M, N, K, r, bits, dtype):
+    x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 31 + M + r)
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    for splits in (0, 1, 3):
+        poison(M * N * 64)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, splits)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel(y, ref) < TOL, f"splits={splits}"
+    y0 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 0)
+    assert rel(y, y0.float()) < TOL
+    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, 3))
+
+
+def test_reassociated_path_rejects_wide_inputs():
+    x, qweight, B, A, cb, bias = make(5, 512, 1024, 8, 4)
+    with pytest.raises(RuntimeError, match="path=2"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
+    x, qweight, B, A, cb, bias = make(1, 512, 1024, 65, 4)
+    with pytest.raises(RuntimeError, match="r=65"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
+
+
 def test_mixed_dtypes_custom_codebook():
     # fp32 scales and bias, fp16 activations, a custom fp32 codebook: converted on the way in.
     levels = torch.sort(torch.randn(16))[0]

@@ -1,0 +1,113 @@
+"""Small-M kernel paths of the CUDA backend, side by side, on the H100.
+
+For each Llama-3-8B shape (4-bit NF4, parity rank for block 64) and M in --ms, times in one process:
+the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64,
+plus a split-K sweep), the automatic choice (path -1), and the contenders of bench/methods.py that are
+available (cuBLAS bf16, bitsandbytes NF4, torch int4, the read floor). Same timing method as
+bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
+checked against the fp32 reference before it is timed. Prints one table per shape and writes JSON.
+
+    python -m bench.decode_paths [--ms 1,2,4,8,16] [--shapes 4096x4096,...] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from bench import methods, timing
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+
+
+def _time(c: methods.Contender, x: torch.Tensor) -> float:
+    t = timing.time_calls([lambda s=s: c.call(s, x) for s in c.copies], log=lambda *_: None)
+    return t.us
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,2,4,8,16")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    p.add_argument("--sweep", action="store_true", help="split-K sweep of the re-associated kernel")
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "decode_paths.json"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_paths: needs a CUDA GPU")
+        return 0
+    import lords_ext.backends.cuda as cuda_backend
+
+    if not cuda_backend.built():
+        print("decode_paths: lords_ext._C not built:", cuda_backend.LOAD_ERROR)
+        return 1
+    dev = torch.device("cuda")
+    op = torch.ops.lords.dequant_matmul_cuda
+    ms = [int(m) for m in a.ms.split(",")]
+    rows = []
+    for shape in a.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        lw = methods.LordsWeights(N, K, dev)
+        cb = lw.codebook
+        others = {}
+        for key in ("cublas", "bnb_nf4", "torch_int4"):
+            try:
+                others[key] = methods.build(key, N, K, dev, lambda: lw)
+            except methods.Unavailable as e:
+                print(f"{key}: unavailable ({e})")
+        floor = min(_time(c, None) for c in methods.floor_variants(N, K, dev, r=lw.r))
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            ref = lw.weight0()
+            yref = x.float() @ ref.T
+            rec = dict(N=N, K=K, r=lw.r, M=M, floor_us=floor)
+
+            def lords_path(path, splits=0):
+                def call(s, x):
+                    q, B, A = s
+                    return op(x, q, B, A, cb, None, path, splits)
+                y = call(lw.copies[0], x)
+                err = timing.rel_error(y, yref)
+                if not err < 2e-2:
+                    raise AssertionError(f"path {path} splits {splits}: rel err {err:.3g} at N={N} K={K} M={M}")
+                return timing.time_calls([lambda s=s: call(s, x) for s in lw.copies], log=lambda *_: None).us, err
+
+            rec["direct_us"], rec["direct_err"] = lords_path(0)
+            fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4
+            if fits:
+                rec["reassoc_us"], rec["reassoc_err"] = lords_path(2)
+                if a.sweep:
+                    rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
+            rec["auto_us"], _ = lords_path(-1)
+            for key, c in others.items():
+                try:
+                    rec[f"{key}_us"] = _time(c, x) if c.supports(x) is None else float("nan")
+                except Exception as e:  # noqa: BLE001 - one contender failing must not end the table
+                    print(f"{key} M={M}: {type(e).__name__}: {str(e)[:120]}")
+                    rec[f"{key}_us"] = float("nan")
+            rows.append(rec)
+            sweep = rec.get("reassoc_sweep")
+            print(f"{N}x{K} M={M}: " + " ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.endswith("_us"))
+                  + (f" sweep {sweep}" if sweep else ""), flush=True)
+        del lw, others
+        torch.cuda.empty_cache()
+
+    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    nan = float("nan")
+    print("\n| N x K (r) | M | direct | re-assoc | auto | cuBLAS | bnb NF4 | torch int4 | floor | auto/floor | bnb/auto | int4/auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for d in rows:
+        au = d["auto_us"]
+        print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['direct_us']:.2f} | {d.get('reassoc_us', nan):.2f} | "
+              f"{au:.2f} | {d.get('cublas_us', nan):.2f} | {d.get('bnb_nf4_us', nan):.2f} | "
+              f"{d.get('torch_int4_us', nan):.2f} | {d['floor_us']:.2f} | {au / d['floor_us']:.2f} | "
+              f"{d.get('bnb_nf4_us', nan) / au:.2f} | {d.get('torch_int4_us', nan) / au:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+// Re-associated LoRDS decode GEMM for one to a few tokens (M * ceil(r/8)*8 <= 64).
+//
+//   y[m, n] = sum_k codebook[Q[n,k]] * (sum_j B[n,j] A[j,k]) * x[m,k]
+//           = sum_j B[n,j] * T[n, (m,j)],   T = C @ Z^T,   C[n,k] = codebook[Q[n,k]],   Z[(m,j),k] = A[j,k] x[m,k]
+//
+// The direct kernel (decode_gemm.cu) rebuilds the scale tile B @ A per 16x16 weight tile and then
+// multiplies every weight by its scale on the CUDA cores (fp32 multiply, conversion, packing: ~5.5
+// instructions per weight, which made it issue-bound at 3x the memory floor). Re-associated, the
+// scale never meets the weight: per weight only the codebook look-up is left, the r-wide product
+// runs on the tensor cores as T = C @ Z^T with the M*r columns of Z as the narrow (n = 8) mma side,
+// and B is applied once per output row in the epilogue. The tensor-core work grows with M*r (2*M*r
+// FLOPs per weight), so this kernel serves only small M*r; the direct kernel takes the rest.
+//
+// Per weight the look-up is one LDS per pair of codes: a pair of codes (2*BITS bits) indexes a table
+// of packed 16-bit value pairs in the mma operand layout (256 / 64 / 16 entries at 4 / 3 / 2 bits).
+// Random indices from 32 lanes would collide in the 32 shared-memory banks (~3.5-way on average), so
+// the table is replicated once per lane with lane l's copy entirely in bank l: word p*32 + l. That
+// costs 32 KB at 4 bits and makes every look-up conflict-free.
+//
+// Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
+// each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
+// block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 8
+// warps x 2 16-row tiles = 256 rows over one K range; split-K partials are reduced deterministically
+// by the last block of each row range (same scheme and counters as decode_gemm.cu).
+//
+// Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 8} (M*r8 <= 16, 32, 64).
+#include "lords_kernels.h"
+#include "lords_tile.cuh"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace lords {
+namespace {
+
+constexpr int kDepth = 2;  // superchunks of codes in flight per warp (registers: kDepth*kNT*2*BITS words)
+
+__host__ __device__ constexpr int lut_words(int bits) { return (1 << (2 * bits)) * 32; }
+int column_tiles(int M, int r) {
+  const int cols = M * ((r + 7) / 8) * 8;
+  return cols <= 16 ? 2 : cols <= 32 ? 4 : 8;
+}
+size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
+size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 + z_bytes(nj, n_super); }
+
+template <typename T, int BITS, int NJ>
+__global__ void __launch_bounds__(kThreads, 2)
+    reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
+                   const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
+                   int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
+                   long N, long K, int r, int kc, bool fast) {
+  extern __shared__ uint4 smem_dyn[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem_dyn);
+  uint2* zst = reinterpret_cast<uint2*>(lut + lut_words(BITS));
+  __shared__ int s_last;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const long block_row0 = (long)blockIdx.x * kRowsPerBlock;
+  const long warp_row0 = block_row0 + (long)warp * 16 * kNT;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const long k0 = (long)split * kc;
+  const int nsc = (int)((min_l(K - k0, kc) + kSuper - 1) / kSuper);
+  const long row_bytes = K * BITS / 8;
+  const int r8 = (r + 7) / 8 * 8;
+
+  auto load_codes = [&](Codes<BITS> (&c)[kNT][2], int sc) {
+    const long kf = k0 + (long)sc * kSuper + 32 * t;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = warp_row0 + nt * 16 + g + 8 * hh;
+        if (n < N && kf < K)
+          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, fast);
+        else
+          c[nt][hh].clear();
+      }
+  };
+
+  // Codes first: their DRAM latency overlaps the table and Z staging below.
+  Codes<BITS> ring[kDepth][kNT][2];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d)
+    if (d < nsc) load_codes(ring[d], d);
+
+  // Pair table: entry p holds (codebook[p & mask], codebook[p >> BITS]) as the two 16-bit halves the
+  // mma operand wants (low half = lower k). One thread per (entry, 4-lane group): 16-byte stores.
+  {
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+    for (int w = threadIdx.x; w < (1 << (2 * BITS)) * 8; w += blockDim.x) {
+      const int p = w / 8, part = w % 8;
+      const uint32_t v = Mma<T>::pack(load_scalar(cb, cb_kind, p & mask), load_scalar(cb, cb_kind, p >> BITS));
+      reinterpret_cast<uint4*>(lut)[p * 8 + part] = make_uint4(v, v, v, v);
+    }
+  }
+  // Z in fragment order: entry ((sc*8 + s)*NJ + jt)*32 + lane holds Z[col jt*8 + g, k .. k+3] for
+  // k = k0 + 128 sc + 32 t + 4 s; col = m*r8 + j. Thread e takes lane e % 32 (all 32 lanes of an
+  // 8-byte row per warp: conflict-free stores) and the k-tile pair (s, s+1), i.e. 8 consecutive k.
+  {
+    const int total = nsc * 4 * NJ * 32;
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+      const int l = e % 32, rest = e / 32;
+      const int jt = rest % NJ, sp = (rest / NJ) % 4, sc = rest / (NJ * 4);
+      const int gl = l / 4, tl = l % 4;
+      const int col = jt * 8 + gl, m = col / r8, j = col % r8;
+      const long k = k0 + (long)sc * kSuper + 32 * tl + 8 * sp;
+      float z[8];
+      if (m < M && j < r && fast) {
+        union {
+          uint4 u;
+          T h[8];
+        } a, xv;
+        a.u = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+        xv.u = __ldg(reinterpret_cast<const uint4*>(x + (long)m * K + k));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) z[i] = Mma<T>::to_float(a.h[i]) * Mma<T>::to_float(xv.h[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          z[i] = (m < M && j < r && k + i < K)
+                     ? Mma<T>::to_float(A[(long)j * K + k + i]) * Mma<T>::to_float(x[(long)m * K + k + i])
+                     : 0.f;
+      }
+      const int s0 = 2 * sp;
+      zst[((sc * 8 + s0) * NJ + jt) * 32 + l] = make_uint2(Mma<T>::pack(z[0], z[1]), Mma<T>::pack(z[2], z[3]));
+      zst[((sc * 8 + s0 + 1) * NJ + jt) * 32 + l] = make_uint2(Mma<T>::pack(z[4], z[5]), Mma<T>::pack(z[6], z[7]));
+    }
+  }
+  __syncthreads();
+
+  float acc[kNT][NJ][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int jt = 0; jt < NJ; ++jt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][jt][i] = 0.f;
+
+  constexpr int kPairBits = 2 * BITS;
+  constexpr uint32_t kPairMask = (1u << kPairBits) - 1u;
+  const uint32_t* my_lut = lut + lane;
+  for (int base = 0; base < nsc; base += kDepth) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      const int sc = base + d;
+      if (sc >= nsc) break;
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint2 zb[NJ];
+#pragma unroll
+        for (int jt = 0; jt < NJ; ++jt) zb[jt] = zst[((sc * 8 + s) * NJ + jt) * 32 + lane];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
+          // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
+          const uint32_t a[4] = {my_lut[(va & kPairMask) * 32], my_lut[(vb & kPairMask) * 32],
+                                 my_lut[((va >> kPairBits) & kPairMask) * 32],
+                                 my_lut[((vb >> kPairBits) & kPairMask) * 32]};
+#pragma unroll
+          for (int jt = 0; jt < NJ; ++jt) Mma<T>::mma(acc[nt][jt], a, zb[jt].x, zb[jt].y);
+        }
+      }
+      if (sc + kDepth < nsc) load_codes(ring[d], sc + kDepth);
+    }
+  }
+
+  // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
+  // Multiply by B[row, j], sum over this lane's columns per token, then over the 4 lanes of a row.
+  float part[kNT][2][kReassocMaxM];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int m = 0; m < kReassocMaxM; ++m) part[nt][h][m] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int jt = 0; jt < NJ; ++jt) {
+      const int col0 = jt * 8 + 2 * t, m = col0 / r8;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = col0 % r8 + (i % 2);
+        const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
+        const float b = (n < N && j < r && m < M) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
+        const float v = acc[nt][jt][i] * b;
+#pragma unroll
+        for (int mm = 0; mm < kReassocMaxM; ++mm)
+          if (mm == m) part[nt][i / 2][mm] += v;
+      }
+    }
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int m = 0; m < kReassocMaxM; ++m) {
+        part[nt][h][m] += __shfl_xor_sync(0xffffffffu, part[nt][h][m], 1);
+        part[nt][h][m] += __shfl_xor_sync(0xffffffffu, part[nt][h][m], 2);
+      }
+
+  if (splits == 1) {
+    if (t == 0) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long n = warp_row0 + nt * 16 + g + 8 * h;
+          if (n >= N) continue;
+          const float bv = bias != nullptr ? load_scalar(bias, bias_kind, n) : 0.f;
+#pragma unroll
+          for (int m = 0; m < kReassocMaxM; ++m)
+            if (m < M) y[(long)m * N + n] = Mma<T>::from_float(part[nt][h][m] + bv);
+        }
+    }
+    return;
+  }
+
+  if (t == 0) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const long n = warp_row0 + nt * 16 + g + 8 * h;
+#pragma unroll
+        for (int m = 0; m < kReassocMaxM; ++m)
+          if (n < N && m < M) ws[((long)split * M + m) * N + n] = part[nt][h][m];
+      }
+  }
+  // Publish the partials, then count this block in; the last one to arrive reduces in split order.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = (atomicAdd(&counters[blockIdx.x], 1) == splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int rows = (int)min_l(kRowsPerBlock, N - block_row0);
+  for (int idx = threadIdx.x; idx < rows * M; idx += blockDim.x) {
+    const int m = idx / rows;
+    const long n = block_row0 + idx % rows;
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += __ldcg(ws + ((long)sp * M + m) * N + n);
+    if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
+    y[(long)m * N + n] = Mma<T>::from_float(v);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+template <typename T, int BITS, int NJ>
+void run(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = reassoc_kernel<T, BITS, NJ>;
+  const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
+  }
+  const void* ptrs[] = {a.x, a.qweight, a.A};
+  const bool fast = vector_path_ok(a.K, ptrs, 3);
+  dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.splits);
+  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                                           static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
+                                           a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
+                                           a.K, a.r, a.k_per_split, fast);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv launch: ") + cudaGetErrorString(e));
+}
+
+using Fn = void (*)(const DecodeArgs&, cudaStream_t);
+
+template <typename T, int BITS>
+Fn pick_nj(int nj) {
+  switch (nj) {
+    case 2: return run<T, BITS, 2>;
+    case 4: return run<T, BITS, 4>;
+    default: return run<T, BITS, 8>;
+  }
+}
+
+template <typename T>
+Fn pick_bits(int bits, int nj) {
+  switch (bits) {
+    case 2: return pick_nj<T, 2>(nj);
+    case 3: return pick_nj<T, 3>(nj);
+    default: return pick_nj<T, 4>(nj);
+  }
+}
+
+}  // namespace
+
+bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
+
+DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int want) {
+  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long k_super = (K + kSuper - 1) / kSuper;
+  long splits = std::max<long>(1, min_l(k_super, want));
+  long sc_per = (k_super + splits - 1) / splits;
+  // Table + staged Z under 96 KB, so two blocks fit on an SM (228 KB).
+  const int nj = column_tiles(M, r);
+  const long max_sc = std::max<long>(1, (96L * 1024 - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
+  sc_per = min_l(sc_per, max_sc);
+  splits = (k_super + sc_per - 1) / sc_per;
+  return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
+}
+
+DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
+  // Two blocks per SM resident: ask for that many blocks, as split-K over whole superchunks.
+  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long want = (2L * sms + n_blocks - 1) / n_blocks;
+  return reassoc_plan_with_splits(N, K, r, M, bits, (int)std::max<long>(1, want));
+}
+
+void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream) {
+  const int nj = column_tiles(a.M, a.r);
+  Fn fn = a.dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(a.bits, nj) : pick_bits<__half>(a.bits, nj);
+  fn(a, stream);
+}
+
+}  // namespace lords
