@@ -32,6 +32,7 @@ if triton is not None:
     from .triton_kernels.decode_reassoc import decode_reassoc_kernel, decode_reassoc_tuned
     from .triton_kernels.decode_splitk import decode_splitk_kernel, decode_splitk_tuned
     from .triton_kernels.dequant import dequant_kernel, dequant_tuned
+    from .triton_kernels import grad_scales as _gs
     from .triton_kernels.grad_x import grad_x_kernel, grad_x_tuned
     from .triton_kernels.tiled_gemm import tiled_gemm_kernel, tiled_gemm_tuned
 
@@ -42,7 +43,7 @@ SPLITK_MAX_BLOCK_M = 256
 ALGOS = ("reassoc", "splitk", "tiled", "dequant_mm")
 _LUTS = {"gather": 0, "global": 1, "select": 2}
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_OPS = ("dequant", "dequant_matmul", "grad_x")
+_OPS = ("dequant", "dequant_matmul", "grad_x", "grad_scales")
 
 
 def _interpreting() -> bool:
@@ -282,3 +283,76 @@ def grad_x(grad_y2d, qweight, B, A, codebook, config=None):
                  S_PREC=s_prec, X_PREC=x_prec), "grad_x", config, M, N, K,
             xsz=grad_y2d.element_size(), bsz=B.element_size())
     return gx
+
+
+def _grad_scales_fp32(gy, x, qweight, B, A, codebook, config, det):
+    """fp32 (grad_B [N, r], grad_A [r, K]) for r <= MAX_R_PAD; see triton_kernels/grad_scales.py."""
+    g = _geometry(qweight, B, A, codebook)
+    M, N, K, R = gy.shape[0], g["N"], g["K"], g["R"]
+    x_prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
+    kw = dict(BITS=g["BITS"], LEVELS=g["LEVELS"], R_PAD=g["R_PAD"], LUT=_lut(),
+              X_PREC=x_prec, R_PREC=x_prec, DET=det)
+    args = (gy, x, qweight, B, A, codebook)
+    tail = (M, N, K, R, g["stride_q"], _bucket(M))
+    if config is None and not det and _tuning.tuning_enabled():
+        out = torch.zeros(N * R + R * K, dtype=torch.float32, device=gy.device)
+        gb, ga = out[: N * R], out[N * R:]
+
+        def grid(meta):
+            return (triton.cdiv(K, meta["BLOCK_K"]), meta["SPLIT_N"])
+
+        _gs.grad_scales_tuned[grid](*args, gb, ga, *tail, **kw)
+        return gb.view(N, R), ga.view(R, K)
+    config = dict(config or _gs.default_config(M, N, K, g["R_PAD"]))
+    launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    while True:
+        k_tiles = triton.cdiv(K, config["BLOCK_K"])
+        split = config["SPLIT_N"]
+        if det:
+            gb = torch.empty((k_tiles, N, R), dtype=torch.float32, device=gy.device)
+            ga = torch.empty((split, R, K), dtype=torch.float32, device=gy.device)
+        else:
+            out = torch.zeros(N * R + R * K, dtype=torch.float32, device=gy.device)
+            gb, ga = out[: N * R].view(N, R), out[N * R:].view(R, K)
+        try:
+            _gs.grad_scales_kernel[(k_tiles, split)](*args, gb, ga, *tail, **kw, **config, **launch)
+        except triton.runtime.errors.OutOfResources:
+            # shorter pipeline first, then smaller M and K tiles (the buffers follow BLOCK_K)
+            if launch.get("num_stages", 3) > 1:
+                launch["num_stages"] = launch.get("num_stages", 3) - 1
+            elif config["BLOCK_M"] > 16:
+                config["BLOCK_M"] //= 2
+            elif config["BLOCK_K"] > 32:
+                config["BLOCK_K"] //= 2
+            else:
+                raise
+            continue
+        # deterministic mode: the slots are summed in a fixed order
+        return (gb.sum(0), ga.sum(0)) if det else (gb, ga)
+
+
+def grad_scales(grad_y2d, x2d, qweight, B, A, codebook, config=None, deterministic=None):
+    """(grad_B [N, r] in B.dtype, grad_A [r, K] in A.dtype) of dequant_matmul, with
+    dS = (grad_y2d^T @ x2d) * codebook[Q] never materialized. `deterministic` (default: torch's
+    use_deterministic_algorithms setting) trades fp32 atomics for per-tile partial sums."""
+    if _needs_reference(grad_y2d, x2d, B, A, codebook):
+        from . import reference
+        return reference.grad_scales(grad_y2d, x2d, qweight, B, A, codebook)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    # one dtype for both operands of the grad_y^T @ x dot
+    dt = torch.promote_types(grad_y2d.dtype, x2d.dtype)
+    gy, x = grad_y2d.to(dt).contiguous(), x2d.to(dt).contiguous()
+    R = A.shape[0]
+    if gy.shape[0] == 0:
+        return B.new_zeros(B.shape), A.new_zeros(A.shape)
+    step = _gs.MAX_R_PAD
+    if R <= step:
+        gb, ga = _grad_scales_fp32(gy, x, qweight, B, A, codebook, config, deterministic)
+    else:
+        # ranks beyond one register tile: chunks of 128, each recomputing grad_y^T @ x
+        parts = [_grad_scales_fp32(gy, x, qweight, B[:, c:c + step].contiguous(), A[c:c + step],
+                                   codebook, config, deterministic) for c in range(0, R, step)]
+        gb = torch.cat([p[0] for p in parts], dim=1)
+        ga = torch.cat([p[1] for p in parts], dim=0)
+    return gb.to(B.dtype), ga.to(A.dtype)
