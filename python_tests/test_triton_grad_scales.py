@@ -215,3 +215,27 @@ def test_autograd_through_dequant_matmul(forced_triton):
     y.backward(gy)
     assert len(forced_triton) == 1
     check(Bp.grad, Ap.grad, gy, x, qweight, B, A, cb, "autograd of lords::dequant_matmul")
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The autotuned entry (the GPU default) with the interpreter's single config: its grid and
+    arguments must match the fixed-config launch, including the zeroed atomic buffers."""
+    monkeypatch.setattr(tb._tuning, "tuning_enabled", lambda: True)
+    N, K = SHAPES[4]
+    case = make_case(N, K, 19, 16, 4, "nf", torch.bfloat16, torch.float32, seed=19)
+    gb, ga = tb.grad_scales(*case)
+    check(gb, ga, *case, "autotuned entry")
+
+
+def test_prune_fills_split_and_caps_block_m():
+    gs = sys.modules["lords_ext.backends.triton_kernels.grad_scales"]
+    configs = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M": 64, "SPLIT_N": 0}, num_warps=8, num_stages=3),
+               triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M": 32, "SPLIT_N": 0}, num_warps=8, num_stages=3),
+               triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 16, "SPLIT_N": 4}, num_warps=8, num_stages=2)]
+    out = gs.prune_grad_scales(configs, {"M": 5, "N": 14336, "K": 4096})
+    # M=5: both 64- and 32-token tiles shrink to 16 and become one config; explicit SPLIT_N is kept
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["SPLIT_N"]) for c in out] == [(16, 8), (16, 4)]
+    # 32 K tiles of 128 columns: 8 splits make two waves on 132 SMs; never more splits than N tiles
+    assert gs.split_n_for(14336, 4096, 64, 128) == 8
+    assert gs.split_n_for(100, 4096, 64, 128) == 2 and gs.split_n_for(60, 4096, 64, 128) == 1
+    assert gs.split_n_for(4096, 64, 64, 128) == 64

@@ -303,7 +303,7 @@ def _grad_scales_fp32(gy, x, qweight, B, A, codebook, config, det):
 
         _gs.grad_scales_tuned[grid](*args, gb, ga, *tail, **kw)
         return gb.view(N, R), ga.view(R, K)
-    config = dict(config or _gs.default_config(M, N, K, g["R_PAD"]))
+    config = dict(config or _gs.default_config(M, N, K, g["R_PAD"], x.element_size()))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     while True:
         k_tiles = triton.cdiv(K, config["BLOCK_K"])

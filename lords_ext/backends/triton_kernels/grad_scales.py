@@ -107,15 +107,18 @@ def grad_scales_configs():
     if interpreting():
         # several N and K tiles, two N splits and masked edges on the test shapes
         return [_cfg(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, SPLIT_N=2, num_warps=1, num_stages=1)]
-    # SPLIT_N=0: chosen from the grid size in prune_grad_scales. Not yet measured on a GPU: a
-    # program holds three fp32 tiles (G, grad_A, A^T), hence the 8-warp variant of the first
-    # config against register spills; the last is small enough for r = 128 with fp32 operands.
+    # SPLIT_N=0: chosen from the grid size in prune_grad_scales. A program holds three fp32 tiles
+    # (G / dS, the grad_A accumulator, the codebook values) at once; ptxas (sm_90a, compiled here
+    # without a GPU) reports no register spills for these at r_pad 32 and 64 with 16-bit
+    # activations, where 4-warp 64x128 tiles spilled ~0.5 KB. The last one is for fp32
+    # activations, whose 3xTF32 operands triple the tiles (80 B of spills; others spill > 0.7 KB).
+    # Timings on the GPU are still to be measured (bench/bench_grad_scales.py).
     return [
-        _cfg(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, SPLIT_N=0, num_warps=4, num_stages=3),
         _cfg(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, SPLIT_N=0, num_warps=8, num_stages=3),
-        _cfg(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, SPLIT_N=0, num_warps=8, num_stages=3),
-        _cfg(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, SPLIT_N=0, num_warps=4, num_stages=3),
+        _cfg(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, SPLIT_N=0, num_warps=8, num_stages=3),
+        _cfg(BLOCK_N=64, BLOCK_K=128, BLOCK_M=32, SPLIT_N=0, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_K=64, BLOCK_M=32, SPLIT_N=0, num_warps=4, num_stages=2),
+        _cfg(BLOCK_N=64, BLOCK_K=64, BLOCK_M=16, SPLIT_N=0, num_warps=8, num_stages=2),
     ]
 
 
@@ -137,17 +140,21 @@ def prune_grad_scales(configs, named_args, **kwargs):
     return out
 
 
-def default_config(M: int, N: int, K: int, r_pad: int) -> dict:
+def default_config(M: int, N: int, K: int, r_pad: int, xsz: int = 2) -> dict:
     """The fixed config (kwargs plus num_warps / num_stages) used without autotuning: under
     LORDS_TRITON_TUNE=0, the interpreter, and deterministic mode (whose partial buffers are sized
-    from the config before the launch)."""
+    from the config before the launch). Chosen from the spill-free configs above."""
     if interpreting():
         cfg = grad_scales_configs()[0]
         return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    bn, bk = (64, 128) if r_pad <= 64 else (64, 64)
-    bm = min(64, max(16, triton.next_power_of_2(M)))
+    if xsz == 4:
+        bn, bk, bm, stages = 64, 64, 16, 2
+    elif r_pad <= 64:
+        bn, bk, bm, stages = 64, 128, min(64, max(16, triton.next_power_of_2(M))), 3
+    else:
+        bn, bk, bm, stages = 64, 64, min(32, max(16, triton.next_power_of_2(M))), 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_N": split_n_for(N, K, bn, bk),
-            "num_warps": 4, "num_stages": 3}
+            "num_warps": 8, "num_stages": stages}
 
 
 grad_scales_tuned = triton.autotune(**autotune_kwargs(), configs=grad_scales_configs(),
