@@ -290,8 +290,10 @@ def _grad_scales_fp32(gy, x, qweight, B, A, codebook, config, det):
     g = _geometry(qweight, B, A, codebook)
     M, N, K, R = gy.shape[0], g["N"], g["K"], g["R"]
     x_prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
+    # bf16 results: bf16 rank products (see triton_kernels/grad_scales.py)
+    r_bf16 = x.dtype != torch.float32 and B.dtype == A.dtype == torch.bfloat16
     kw = dict(BITS=g["BITS"], LEVELS=g["LEVELS"], R_PAD=g["R_PAD"], LUT=_lut(),
-              X_PREC=x_prec, R_PREC=x_prec, DET=det)
+              X_PREC=x_prec, R_PREC=x_prec, R_BF16=r_bf16, DET=det)
     args = (gy, x, qweight, B, A, codebook)
     tail = (M, N, K, R, g["stride_q"], _bucket(M))
     if config is None and not det and _tuning.tuning_enabled():

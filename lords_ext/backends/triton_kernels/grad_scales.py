@@ -20,9 +20,11 @@ How the partials meet (DET constexpr):
     (90 MB for 14336x4096 r=49 at BLOCK_K=128), a sizeable fraction of the dS this kernel exists
     not to materialize (235 MB in fp32); hence not the default.
 
-The rank products take fp32 operands (dS is fp32; B and A are widened) at R_PREC: 3xTF32 for
-fp32 activations, one TF32 pass otherwise. Rounding dS to 16 bits instead would lose precision
-(and fp16 could overflow: dS sums over every token).
+The rank products run in the precision of the result. When B and A are bf16 (and the activations
+16-bit), grad_B / grad_A are rounded to bf16 anyway, so dS, B and A enter them as bf16 (R_BF16:
+half the tensor-core time and operand memory of TF32). Otherwise they take fp32 operands (dS is
+fp32; B and A are widened) at R_PREC: 3xTF32 for fp32 activations, one TF32 pass for 16-bit ones.
+fp16 operands are never used there: dS sums over every token and could overflow fp16.
 """
 import triton
 import triton.language as tl
@@ -38,7 +40,7 @@ def grad_scales_kernel(gy_ptr, x_ptr, q_ptr, b_ptr, a_ptr, cb_ptr, gb_ptr, ga_pt
                        M, N, K, R, stride_q, M_BUCKET,
                        BITS: tl.constexpr, LEVELS: tl.constexpr, R_PAD: tl.constexpr,
                        LUT: tl.constexpr, X_PREC: tl.constexpr, R_PREC: tl.constexpr,
-                       DET: tl.constexpr,
+                       R_BF16: tl.constexpr, DET: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                        SPLIT_N: tl.constexpr):
     pid_k = tl.program_id(0)
@@ -51,7 +53,11 @@ def grad_scales_kernel(gy_ptr, x_ptr, q_ptr, b_ptr, a_ptr, cb_ptr, gb_ptr, ga_pt
     # A[:, cols]^T, loaded transposed so both rank products are plain dots; padded ranks and
     # columns past K are zero, so they add nothing to either gradient
     a_t = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
-                  mask=mask_r[None, :] & mask_k[:, None], other=0.0).to(tl.float32)
+                  mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+    if R_BF16:
+        a_t = a_t.to(tl.bfloat16)
+    else:
+        a_t = a_t.to(tl.float32)
     levels = load_levels(cb_ptr, LEVELS, BLOCK_N, LUT)
     n_tiles = tl.cdiv(N, BLOCK_N)
     per_split = tl.cdiv(n_tiles, SPLIT_N)
@@ -75,7 +81,12 @@ def grad_scales_kernel(gy_ptr, x_ptr, q_ptr, b_ptr, a_ptr, cb_ptr, gb_ptr, ga_pt
         codes = load_codes(q_ptr, stride_q, offs_n, k0, N, K, BITS, BLOCK_N, BLOCK_K)
         ds = g * lookup(codes, levels, cb_ptr, LEVELS, LUT)
         b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
-                      mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if R_BF16:
+            ds = ds.to(tl.bfloat16)
+            b_t = b_t.to(tl.bfloat16)
+        else:
+            b_t = b_t.to(tl.float32)
         ga = mma(b_t, ds, ga, R_PREC)
         gb = mma(ds, a_t, None, R_PREC)
         gb_idx = offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
@@ -110,7 +121,8 @@ def grad_scales_configs():
     # SPLIT_N=0: chosen from the grid size in prune_grad_scales. A program holds three fp32 tiles
     # (G / dS, the grad_A accumulator, the codebook values) at once; ptxas (sm_90a, compiled here
     # without a GPU) reports no register spills for these at r_pad 32 and 64 with 16-bit
-    # activations, where 4-warp 64x128 tiles spilled ~0.5 KB. The last one is for fp32
+    # activations and fp32 scales (at most 48 B with bf16 scales), where 4-warp 64x128 tiles
+    # spilled ~0.5 KB. The last one is for fp32
     # activations, whose 3xTF32 operands triple the tiles (80 B of spills; others spill > 0.7 KB).
     # Timings on the GPU are still to be measured (bench/bench_grad_scales.py).
     return [
