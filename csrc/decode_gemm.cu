@@ -50,7 +50,6 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   extern __shared__ uint4 smem_dyn[];
   uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn);
   __shared__ float lut[16];
-  __shared__ int s_last;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const long block_row0 = (long)blockIdx.x * kRowsPerBlock;
@@ -90,21 +89,29 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   {
     const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
     const int total = nsc * 8 * MT * 32;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-      const int l = e % 32, rest = e / 32;
-      const int mt = rest % MT, s = (rest / MT) % 8, sc = rest / (MT * 8);
-      const int m = mt * 8 + l / 4;
-      const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 4 * s;
-      uint2 v = make_uint2(0u, 0u);
-      if (m < M && fast) {
-        v = __ldg(reinterpret_cast<const uint2*>(x16 + (long)m * K + k));
-      } else if (m < M) {
-        uint16_t h[4];
+    constexpr int kU = 4;  // loads of four items in flight together (see stage_A)
+    for (int e0 = threadIdx.x; e0 < total; e0 += kU * blockDim.x) {
+      uint2 v[kU];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) h[j] = (k + j < K) ? x16[(long)m * K + k + j] : uint16_t(0);
-        v = make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+      for (int u = 0; u < kU; ++u) {
+        const int e = e0 + u * blockDim.x;
+        const int l = e % 32, rest = e / 32;
+        const int mt = rest % MT, s = (rest / MT) % 8, sc = rest / (MT * 8);
+        const int m = mt * 8 + l / 4;
+        const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 4 * s;
+        v[u] = make_uint2(0u, 0u);
+        if (e < total && m < M && fast) {
+          v[u] = __ldg(reinterpret_cast<const uint2*>(x16 + (long)m * K + k));
+        } else if (e < total && m < M) {
+          uint16_t h[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) h[j] = (k + j < K) ? x16[(long)m * K + k + j] : uint16_t(0);
+          v[u] = make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+        }
       }
-      xstage[e] = v;
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (e0 + u * (int)blockDim.x < total) xstage[e0 + u * blockDim.x] = v[u];
     }
   }
   __syncthreads();
@@ -173,30 +180,17 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
         const int m = mt * 8 + 2 * t + (i % 2);
         if (n < N && m < M) ws[((long)split * M + m) * N + n] = acc[nt][mt][i];
       }
-  // Publish the partials, then count this block in; the last one to arrive reduces.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = (atomicAdd(&counters[blockIdx.x], 1) == splits - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  const int rows = (int)min_l(kRowsPerBlock, N - block_row0);
-  for (int idx = threadIdx.x; idx < rows * M; idx += blockDim.x) {
-    const int m = idx / rows;
-    const long n = block_row0 + idx % rows;
-    float v = 0.f;
-    for (int sp = 0; sp < splits; ++sp) v += __ldcg(ws + ((long)sp * M + m) * N + n);
-    if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
-    y[(long)m * N + n] = Mma<T>::from_float(v);
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  if (arrive_last(&counters[blockIdx.x], splits))
+    reduce_splits<T>(ws, y, bias, bias_kind, M, N, block_row0, (int)min_l(kRowsPerBlock, N - block_row0), splits,
+                     &counters[blockIdx.x]);
 }
 
 template <typename T, int BITS, int MT, int RT>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = decode_gemm_kernel<T, BITS, MT, RT>;
   const size_t smem = stage_bytes(RT, MT, a.k_per_split / kSuper, (int)sizeof(T));
-  if (smem > 48 * 1024) {
+  // Static shared memory (lut, s_last) counts against the same 48 KB default limit: opt in above 47 KB.
+  if (smem > 47 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm: ") + cudaGetErrorString(e));
   }

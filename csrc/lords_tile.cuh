@@ -186,32 +186,47 @@ __device__ __forceinline__ void stage_A(uint16_t* smem, const T* __restrict__ A,
   // instead puts a warp's stores 16 ways into the same bank (measured: the prologue dominated).
   constexpr int rows = RT * 16;
   const int total = rows * (kc / 8);
-  for (int ch = threadIdx.x; ch < total; ch += blockDim.x) {
-    const int j = ch % rows;
-    const int o0 = (ch / rows) * 8;
-    const long k = k0 + o0;
-    union {
-      uint4 raw;
-      uint16_t e[8];
-    } v;
-    if (j < r && fast) {
-      v.raw = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
-    } else {
-      const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  // Four items per thread have their loads in flight together: one L2 round trip per item in a
+  // serial loop was most of the block's prologue (8 items per thread at r = 32, k range 512).
+  constexpr int kU = 4;
+  union V8 {
+    uint4 raw;
+    uint16_t e[8];
+  };
+  for (int ch0 = threadIdx.x; ch0 < total; ch0 += kU * blockDim.x) {
+    V8 v[kU];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v.e[e] = (j < r && k + e < K) ? a16[(long)j * K + k + e] : uint16_t(0);
+    for (int u = 0; u < kU; ++u) {
+      const int ch = ch0 + u * blockDim.x;
+      const int j = ch % rows;
+      const long k = k0 + (ch / rows) * 8;
+      v[u].raw = make_uint4(0u, 0u, 0u, 0u);
+      if (ch < total && j < r && fast) {
+        v[u].raw = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+      } else if (ch < total && j < r) {
+        const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[u].e[e] = (k + e < K) ? a16[(long)j * K + k + e] : uint16_t(0);
+      }
     }
-    const int c = j / 16, jj = j % 16;
-    const int reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int o = o0 + e;
-      const int sc = o / kSuper, oo = o % kSuper;
-      const int s = (oo % 32) / 4, w = oo % 4;
-      const int gl = 2 * (oo / 32) + (w % 2), h = w / 2;
-      const int lane = 4 * gl + tt;
-      const long idx = ((((long)(sc * 8 + s) * RT + c) * 32 + lane) * 4 + h * 2 + reg) * 2 + half;
-      smem[idx] = v.e[e];
+    for (int u = 0; u < kU; ++u) {
+      const int ch = ch0 + u * blockDim.x;
+      if (ch >= total) break;
+      const int j = ch % rows;
+      const int o0 = (ch / rows) * 8;
+      const int c = j / 16, jj = j % 16;
+      const int reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int o = o0 + e;
+        const int sc = o / kSuper, oo = o % kSuper;
+        const int s = (oo % 32) / 4, w = oo % 4;
+        const int gl = 2 * (oo / 32) + (w % 2), h = w / 2;
+        const int lane = 4 * gl + tt;
+        const long idx = ((((long)(sc * 8 + s) * RT + c) * 32 + lane) * 4 + h * 2 + reg) * 2 + half;
+        smem[idx] = v[u].e[e];
+      }
     }
   }
 }
@@ -261,6 +276,44 @@ __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&
   wf[1] = Mma<T>::pack(lut[qb[0]] * s0[2], lut[qb[1]] * s0[3]);
   wf[2] = Mma<T>::pack(lut[qa[2]] * s1[0], lut[qa[3]] * s1[1]);
   wf[3] = Mma<T>::pack(lut[qb[2]] * s1[2], lut[qb[3]] * s1[3]);
+}
+
+// Split-K epilogue shared by the decode kernels. Each block has written its fp32 partials to
+// ws[split][m][n]; the last block of a row range to arrive (atomic counter, then re-zeroed for the next
+// call) adds them in split order, so the result does not depend on scheduling. The partial loads are
+// issued 16 at a time: a serial chain of one L2 round trip per split (the first version) cost about
+// 0.4 us per split, more than the whole kernel's main loop at M = 1.
+__device__ __forceinline__ bool arrive_last(int* counter, int splits) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = (atomicAdd(counter, 1) == splits - 1);
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last;
+}
+
+template <typename T>
+__device__ __forceinline__ void reduce_splits(const float* __restrict__ ws, T* __restrict__ y, const void* bias,
+                                              int bias_kind, int M, long N, long row0, int rows, int splits,
+                                              int* counter) {
+  constexpr int kBatch = 16;
+  for (int idx = threadIdx.x; idx < rows * M; idx += blockDim.x) {
+    const int m = idx / rows;
+    const long n = row0 + idx % rows;
+    float v = 0.f;
+    for (int sp0 = 0; sp0 < splits; sp0 += kBatch) {
+      float part[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        part[i] = sp0 + i < splits ? __ldcg(ws + ((long)(sp0 + i) * M + m) * N + n) : 0.f;
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) v += part[i];
+    }
+    if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
+    y[(long)m * N + n] = Mma<T>::from_float(v);
+  }
+  if (threadIdx.x == 0) *counter = 0;
 }
 
 }  // namespace lords

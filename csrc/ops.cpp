@@ -135,8 +135,8 @@ bool valid_weight(const at::Tensor& qweight, const at::Tensor& B, const at::Tens
                 dtype_str(A.scalar_type()));
   const int64_t N = B.size(0), r = B.size(1), K = A.size(1);
   LORDS_REQUIRE(r >= 1 && r <= kMaxRank, "B.shape[1] (r): expected 1 <= r <= ", (int)kMaxRank, ", got ", r);
-  LORDS_REQUIRE(N >= 1 && N <= (int64_t)kCounterSlots * 256, "B.shape[0] (N): expected 1 <= N <= ",
-                (int64_t)kCounterSlots * 256, ", got ", N);
+  LORDS_REQUIRE(N >= 1 && N <= (int64_t)kCounterSlots * 128, "B.shape[0] (N): expected 1 <= N <= ",
+                (int64_t)kCounterSlots * 128, ", got ", N);
   const int64_t group = *bits == 2 ? 4 : *bits == 3 ? 8 : 2;
   LORDS_REQUIRE(K >= 1 && K % group == 0, "A.shape[1] (K): expected a positive multiple of ", group, " for ", *bits,
                 "-bit codes, got ", K);

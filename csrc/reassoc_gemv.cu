@@ -20,7 +20,7 @@
 // Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
 // each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
 // block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 8
-// warps x 2 16-row tiles = 256 rows over one K range; split-K partials are reduced deterministically
+// warps x 2 16-row tiles = 256 rows (1 tile, 128 rows, at NJ = 8) over one K range; split-K partials are reduced deterministically
 // by the last block of each row range (same scheme and counters as decode_gemm.cu).
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 8} (M*r8 <= 16, 32, 64).
@@ -43,6 +43,14 @@ int column_tiles(int M, int r) {
 }
 size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
 size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 + z_bytes(nj, n_super); }
+constexpr size_t kReassocSmemCap = 96 * 1024;  // two blocks per SM (228 KB)
+
+// Row tiles per warp: two share each staged Z fragment (half the Z loads per weight); one where the
+// accumulators of NJ = 8 column tiles would otherwise push the kernel past 128 registers.
+template <int NJ>
+__host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
+template <int NJ>
+__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * row_tiles<NJ>(); }
 
 template <typename T, int BITS, int NJ>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -50,24 +58,26 @@ __global__ void __launch_bounds__(kThreads, 2)
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
                    int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
                    long N, long K, int r, int kc, bool fast) {
+  constexpr int NT = row_tiles<NJ>();
+  constexpr int kRows = rows_per_block<NJ>();
   extern __shared__ uint4 smem_dyn[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem_dyn);
   uint2* zst = reinterpret_cast<uint2*>(lut + lut_words(BITS));
-  __shared__ int s_last;
+  __shared__ float levels[1 << BITS];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const long block_row0 = (long)blockIdx.x * kRowsPerBlock;
-  const long warp_row0 = block_row0 + (long)warp * 16 * kNT;
+  const long block_row0 = (long)blockIdx.x * kRows;
+  const long warp_row0 = block_row0 + (long)warp * 16 * NT;
   const int split = blockIdx.y, splits = gridDim.y;
   const long k0 = (long)split * kc;
   const int nsc = (int)((min_l(K - k0, kc) + kSuper - 1) / kSuper);
   const long row_bytes = K * BITS / 8;
   const int r8 = (r + 7) / 8 * 8;
 
-  auto load_codes = [&](Codes<BITS> (&c)[kNT][2], int sc) {
+  auto load_codes = [&](Codes<BITS> (&c)[NT][2], int sc) {
     const long kf = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const long n = warp_row0 + nt * 16 + g + 8 * hh;
@@ -78,60 +88,80 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
   };
 
-  // Codes first: their DRAM latency overlaps the table and Z staging below.
-  Codes<BITS> ring[kDepth][kNT][2];
+  // The prologue is latency, not work: every global load below is issued before its first use, so the
+  // block pays about one DRAM round trip (the codes) with the L2 round trips of the codebook and of
+  // A and x hidden under it.
+  Codes<BITS> ring[kDepth][NT][2];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
     if (d < nsc) load_codes(ring[d], d);
+  if (threadIdx.x < (1 << BITS)) levels[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
+
+  // Z in fragment order: entry ((sc*8 + s)*NJ + jt)*32 + lane holds Z[col jt*8 + g, k .. k+3] for
+  // k = k0 + 128 sc + 32 t + 4 s; col = m*r8 + j. Item e takes lane e % 32 (a warp's 8-byte stores
+  // then cover one contiguous 256-byte row: conflict-free) and the k-tile pair (s, s+1), i.e. 8
+  // consecutive k; four items per thread have their loads in flight together.
+  {
+    const int total = nsc * 4 * NJ * 32;
+    constexpr int kU = 4;
+    for (int e0 = threadIdx.x; e0 < total; e0 += kU * blockDim.x) {
+      union V8 {
+        uint4 u;
+        T h[8];
+      } av[kU], xv[kU];
+      int idx[kU];
+      bool live[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int e = e0 + u * blockDim.x;
+        const int l = e % 32, rest = e / 32;
+        const int jt = rest % NJ, sp = (rest / NJ) % 4, sc = rest / (NJ * 4);
+        const int col = jt * 8 + l / 4, m = col / r8, j = col % r8;
+        const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 8 * sp;
+        idx[u] = ((sc * 8 + 2 * sp) * NJ + jt) * 32 + l;
+        live[u] = e < total && m < M && j < r;
+        av[u].u = make_uint4(0u, 0u, 0u, 0u);
+        xv[u].u = make_uint4(0u, 0u, 0u, 0u);
+        if (live[u] && fast) {
+          av[u].u = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+          xv[u].u = __ldg(reinterpret_cast<const uint4*>(x + (long)m * K + k));
+        } else if (live[u]) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (k + i < K) {
+              av[u].h[i] = A[(long)j * K + k + i];
+              xv[u].h[i] = x[(long)m * K + k + i];
+            }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (e0 + u * (int)blockDim.x >= total) break;
+        float z[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) z[i] = Mma<T>::to_float(av[u].h[i]) * Mma<T>::to_float(xv[u].h[i]);
+        zst[idx[u]] = make_uint2(Mma<T>::pack(z[0], z[1]), Mma<T>::pack(z[2], z[3]));
+        zst[idx[u] + NJ * 32] = make_uint2(Mma<T>::pack(z[4], z[5]), Mma<T>::pack(z[6], z[7]));
+      }
+    }
+  }
+  __syncthreads();  // levels[]
 
   // Pair table: entry p holds (codebook[p & mask], codebook[p >> BITS]) as the two 16-bit halves the
-  // mma operand wants (low half = lower k). One thread per (entry, 4-lane group): 16-byte stores.
+  // mma operand wants (low half = lower k). One item per (entry, 4-lane group): 16-byte stores.
   {
     constexpr uint32_t mask = (1u << BITS) - 1u;
     for (int w = threadIdx.x; w < (1 << (2 * BITS)) * 8; w += blockDim.x) {
-      const int p = w / 8, part = w % 8;
-      const uint32_t v = Mma<T>::pack(load_scalar(cb, cb_kind, p & mask), load_scalar(cb, cb_kind, p >> BITS));
-      reinterpret_cast<uint4*>(lut)[p * 8 + part] = make_uint4(v, v, v, v);
-    }
-  }
-  // Z in fragment order: entry ((sc*8 + s)*NJ + jt)*32 + lane holds Z[col jt*8 + g, k .. k+3] for
-  // k = k0 + 128 sc + 32 t + 4 s; col = m*r8 + j. Thread e takes lane e % 32 (all 32 lanes of an
-  // 8-byte row per warp: conflict-free stores) and the k-tile pair (s, s+1), i.e. 8 consecutive k.
-  {
-    const int total = nsc * 4 * NJ * 32;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-      const int l = e % 32, rest = e / 32;
-      const int jt = rest % NJ, sp = (rest / NJ) % 4, sc = rest / (NJ * 4);
-      const int gl = l / 4, tl = l % 4;
-      const int col = jt * 8 + gl, m = col / r8, j = col % r8;
-      const long k = k0 + (long)sc * kSuper + 32 * tl + 8 * sp;
-      float z[8];
-      if (m < M && j < r && fast) {
-        union {
-          uint4 u;
-          T h[8];
-        } a, xv;
-        a.u = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
-        xv.u = __ldg(reinterpret_cast<const uint4*>(x + (long)m * K + k));
-#pragma unroll
-        for (int i = 0; i < 8; ++i) z[i] = Mma<T>::to_float(a.h[i]) * Mma<T>::to_float(xv.h[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          z[i] = (m < M && j < r && k + i < K)
-                     ? Mma<T>::to_float(A[(long)j * K + k + i]) * Mma<T>::to_float(x[(long)m * K + k + i])
-                     : 0.f;
-      }
-      const int s0 = 2 * sp;
-      zst[((sc * 8 + s0) * NJ + jt) * 32 + l] = make_uint2(Mma<T>::pack(z[0], z[1]), Mma<T>::pack(z[2], z[3]));
-      zst[((sc * 8 + s0 + 1) * NJ + jt) * 32 + l] = make_uint2(Mma<T>::pack(z[4], z[5]), Mma<T>::pack(z[6], z[7]));
+      const int p = w / 8;
+      const uint32_t v = Mma<T>::pack(levels[p & mask], levels[p >> BITS]);
+      reinterpret_cast<uint4*>(lut)[w] = make_uint4(v, v, v, v);
     }
   }
   __syncthreads();
 
-  float acc[kNT][NJ][4];
+  float acc[NT][NJ][4];
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int jt = 0; jt < NJ; ++jt)
 #pragma unroll
@@ -151,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int jt = 0; jt < NJ; ++jt) zb[jt] = zst[((sc * 8 + s) * NJ + jt) * 32 + lane];
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
           // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
           const uint32_t a[4] = {my_lut[(va & kPairMask) * 32], my_lut[(vb & kPairMask) * 32],
@@ -167,15 +197,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
   // Multiply by B[row, j], sum over this lane's columns per token, then over the 4 lanes of a row.
-  float part[kNT][2][kReassocMaxM];
+  float part[NT][2][kReassocMaxM];
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int m = 0; m < kReassocMaxM; ++m) part[nt][h][m] = 0.f;
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int jt = 0; jt < NJ; ++jt) {
       const int col0 = jt * 8 + 2 * t, m = col0 / r8;
@@ -191,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -200,64 +230,43 @@ __global__ void __launch_bounds__(kThreads, 2)
         part[nt][h][m] += __shfl_xor_sync(0xffffffffu, part[nt][h][m], 2);
       }
 
-  if (splits == 1) {
-    if (t == 0) {
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const long n = warp_row0 + nt * 16 + g + 8 * h;
-          if (n >= N) continue;
-          const float bv = bias != nullptr ? load_scalar(bias, bias_kind, n) : 0.f;
-#pragma unroll
-          for (int m = 0; m < kReassocMaxM; ++m)
-            if (m < M) y[(long)m * N + n] = Mma<T>::from_float(part[nt][h][m] + bv);
-        }
-    }
-    return;
-  }
-
   if (t == 0) {
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const long n = warp_row0 + nt * 16 + g + 8 * h;
+        if (n >= N) continue;
+        const float bv = (splits == 1 && bias != nullptr) ? load_scalar(bias, bias_kind, n) : 0.f;
 #pragma unroll
-        for (int m = 0; m < kReassocMaxM; ++m)
-          if (n < N && m < M) ws[((long)split * M + m) * N + n] = part[nt][h][m];
+        for (int m = 0; m < kReassocMaxM; ++m) {
+          if (m >= M) continue;
+          if (splits == 1)
+            y[(long)m * N + n] = Mma<T>::from_float(part[nt][h][m] + bv);
+          else
+            ws[((long)split * M + m) * N + n] = part[nt][h][m];
+        }
       }
   }
-  // Publish the partials, then count this block in; the last one to arrive reduces in split order.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = (atomicAdd(&counters[blockIdx.x], 1) == splits - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  const int rows = (int)min_l(kRowsPerBlock, N - block_row0);
-  for (int idx = threadIdx.x; idx < rows * M; idx += blockDim.x) {
-    const int m = idx / rows;
-    const long n = block_row0 + idx % rows;
-    float v = 0.f;
-    for (int sp = 0; sp < splits; ++sp) v += __ldcg(ws + ((long)sp * M + m) * N + n);
-    if (bias != nullptr) v += load_scalar(bias, bias_kind, n);
-    y[(long)m * N + n] = Mma<T>::from_float(v);
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  if (splits == 1) return;
+  if (arrive_last(&counters[blockIdx.x], splits))
+    reduce_splits<T>(ws, y, bias, bias_kind, M, N, block_row0, (int)min_l(kRows, N - block_row0), splits,
+                     &counters[blockIdx.x]);
 }
 
 template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = reassoc_kernel<T, BITS, NJ>;
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
-  }
+  // Opt in once to the plan's cap (reassoc_plan_with_splits): dynamic + static shared memory over
+  // 48 KB needs it, and a launch that exceeds the opt-in fails with "invalid argument".
+  static const cudaError_t opt_in =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
+  if (opt_in != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(opt_in));
+  if (smem > kReassocSmemCap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the cap");
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
-  dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.splits);
+  dim3 grid((unsigned)((a.N + rows_per_block<NJ>() - 1) / rows_per_block<NJ>()), (unsigned)a.splits);
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
@@ -290,14 +299,16 @@ Fn pick_bits(int bits, int nj) {
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 
+int block_rows(int nj) { return nj >= 8 ? rows_per_block<8>() : rows_per_block<4>(); }
+
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int want) {
-  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
   // Table + staged Z under 96 KB, so two blocks fit on an SM (228 KB).
   const int nj = column_tiles(M, r);
-  const long max_sc = std::max<long>(1, (96L * 1024 - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
+  const long max_sc = std::max<long>(1, ((long)kReassocSmemCap - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
   sc_per = min_l(sc_per, max_sc);
   splits = (k_super + sc_per - 1) / sc_per;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
@@ -305,7 +316,7 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
 
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
   // Two blocks per SM resident: ask for that many blocks, as split-K over whole superchunks.
-  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
   const long want = (2L * sms + n_blocks - 1) / n_blocks;
   return reassoc_plan_with_splits(N, K, r, M, bits, (int)std::max<long>(1, want));
 }
