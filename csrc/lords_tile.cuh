@@ -120,19 +120,23 @@ struct Codes {
     for (int i = 0; i < kWords; ++i) w[i] = 0u;
   }
 
+  // The lane's 32 codes starting at p (aligned, inside the row): the wide-load path alone.
+  __device__ __forceinline__ void load_fast(const uint8_t* p) {
+    if constexpr (BITS == 4) {
+      uint4 v = ld_stream_v4(p);
+      w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if constexpr (BITS == 2) {
+      uint2 v = ld_stream_v2(p);
+      w[0] = v.x; w[1] = v.y;
+    } else {
+      w[0] = ld_stream_u32(p); w[1] = ld_stream_u32(p + 4); w[2] = ld_stream_u32(p + 8);
+    }
+  }
+
   __device__ __forceinline__ void load(const uint8_t* row, long k_first, long row_bytes, bool fast) {
     const long byte0 = k_first * BITS / 8;
     if (fast) {
-      const uint8_t* p = row + byte0;
-      if constexpr (BITS == 4) {
-        uint4 v = ld_stream_v4(p);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-      } else if constexpr (BITS == 2) {
-        uint2 v = ld_stream_v2(p);
-        w[0] = v.x; w[1] = v.y;
-      } else {
-        w[0] = ld_stream_u32(p); w[1] = ld_stream_u32(p + 4); w[2] = ld_stream_u32(p + 8);
-      }
+      load_fast(row + byte0);
     } else {
 #pragma unroll
       for (int i = 0; i < kWords; ++i) {

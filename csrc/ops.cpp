@@ -4,8 +4,8 @@
 // the contract exists whether or not this extension was built; this file only adds backend ops:
 //   lords::dequant_cuda(qweight, B, A, codebook) -> W [N, K] in B.dtype (fp16/bf16)
 //   lords::dequant_matmul_cuda(x, qweight, B, A, codebook, bias=None, path=-1, splits=0) -> y [M, N]
-//     in x.dtype. path -1: automatic (re-associated kernel where M * ceil(r/8)*8 <= 64 and M <= 4,
-//     else the fused decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
+//     in x.dtype. path -1: automatic (re-associated kernel for M = 1 and 16 < r <= 64, else the fused
+//     decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
 //     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
@@ -233,7 +233,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   TORCH_CHECK(valid_weight(qweight, B_in, A_in, codebook, x.device(), &bits), t_error.c_str());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
-  const bool reassoc = path == 2 || (path == -1 && reassoc_fits((int)M, (int)B_in.size(1)));
+  const bool reassoc = path == 2 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
   const bool fused = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
   if (M == 0) return at::empty({0, N}, x.options());
   if (!fused) {

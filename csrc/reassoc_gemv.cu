@@ -19,8 +19,8 @@
 //
 // Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
 // each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
-// block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 8
-// warps x 2 16-row tiles = 256 rows (1 tile, 128 rows, at NJ = 8) over one K range; split-K partials are reduced deterministically
+// block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 16
+// warps x 2 16-row tiles = 512 rows (1 tile, 256 rows, at NJ = 8) over one K range; split-K partials are reduced deterministically
 // by the last block of each row range (same scheme and counters as decode_gemm.cu).
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 8} (M*r8 <= 16, 32, 64).
@@ -43,21 +43,30 @@ int column_tiles(int M, int r) {
 }
 size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
 size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 + z_bytes(nj, n_super); }
-constexpr size_t kReassocSmemCap = 96 * 1024;  // two blocks per SM (228 KB)
+// One block of 16 warps per SM (the 128-register cap x 512 threads fills the register file): the
+// table build, the Z staging and the epilogue are per-block costs, and the first profile (ncu, 4096x4096,
+// M = 1, 8-warp blocks) showed them at about twice the main loop's instructions. One larger block per
+// SM pays them once per 512 rows instead of once per 256.
+constexpr int kReWarps = 16;
+constexpr int kReThreads = kReWarps * 32;
+constexpr size_t kReassocSmemCap = 160 * 1024;
 
 // Row tiles per warp: two share each staged Z fragment (half the Z loads per weight); one where the
 // accumulators of NJ = 8 column tiles would otherwise push the kernel past 128 registers.
 template <int NJ>
 __host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
 template <int NJ>
-__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * row_tiles<NJ>(); }
+__host__ __device__ constexpr int rows_per_block() { return kReWarps * 16 * row_tiles<NJ>(); }
 
-template <typename T, int BITS, int NJ>
-__global__ void __launch_bounds__(kThreads, 2)
+// FAST: K % 128 == 0 and 16-byte aligned x, qweight, A (vector_path_ok): no bounds checks or byte-wise
+// paths in the kernel at all, which the SASS of the generic version showed to be most of its main loop.
+template <typename T, int BITS, int NJ, bool FAST>
+__global__ void __launch_bounds__(kReThreads, 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
                    int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
-                   long N, long K, int r, int kc, bool fast) {
+                   long N, long K, int r, int kc) {
+  constexpr bool fast = FAST;
   constexpr int NT = row_tiles<NJ>();
   constexpr int kRows = rows_per_block<NJ>();
   extern __shared__ uint4 smem_dyn[];
@@ -74,6 +83,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const long row_bytes = K * BITS / 8;
   const int r8 = (r + 7) / 8 * 8;
 
+  // FAST: one pointer per row, advanced by a superchunk's bytes; rows past N read row N-1 (their
+  // results are never stored), and the K range is whole superchunks, so no load needs a check.
+  const uint8_t* rowp[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+      rowp[nt][hh] = qw + min_l(warp_row0 + nt * 16 + g + 8 * hh, N - 1) * row_bytes + (k0 + 32 * t) * BITS / 8;
   auto load_codes = [&](Codes<BITS> (&c)[NT][2], int sc) {
     const long kf = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
@@ -81,8 +98,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const long n = warp_row0 + nt * 16 + g + 8 * hh;
-        if (n < N && kf < K)
-          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, fast);
+        if constexpr (FAST)
+          c[nt][hh].load_fast(rowp[nt][hh] + sc * (kSuper * BITS / 8));
+        else if (n < N && kf < K)
+          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, false);
         else
           c[nt][hh].clear();
       }
@@ -116,7 +135,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int e = e0 + u * blockDim.x;
         const int l = e % 32, rest = e / 32;
         const int jt = rest % NJ, sp = (rest / NJ) % 4, sc = rest / (NJ * 4);
-        const int col = jt * 8 + l / 4, m = col / r8, j = col % r8;
+        int m = 0, j = jt * 8 + l / 4;  // col = m*r8 + j, without an integer division (M <= 4)
+        while (j >= r8) j -= r8, ++m;
         const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 8 * sp;
         idx[u] = ((sc * 8 + 2 * sp) * NJ + jt) * 32 + l;
         live[u] = e < total && m < M && j < r;
@@ -175,11 +195,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int d = 0; d < kDepth; ++d) {
       const int sc = base + d;
       if (sc >= nsc) break;
+      const uint2* zsc = zst + sc * (8 * NJ * 32) + lane;  // constant offsets below
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint2 zb[NJ];
 #pragma unroll
-        for (int jt = 0; jt < NJ; ++jt) zb[jt] = zst[((sc * 8 + s) * NJ + jt) * 32 + lane];
+        for (int jt = 0; jt < NJ; ++jt) zb[jt] = zsc[(s * NJ + jt) * 32];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
@@ -208,10 +229,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int jt = 0; jt < NJ; ++jt) {
-      const int col0 = jt * 8 + 2 * t, m = col0 / r8;
+      int m = 0, j0 = jt * 8 + 2 * t;
+      while (j0 >= r8) j0 -= r8, ++m;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int j = col0 % r8 + (i % 2);
+        const int j = j0 + (i % 2);
         const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
         const float b = (n < N && j < r && m < M) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
         const float v = acc[nt][jt][i] * b;
@@ -256,21 +278,26 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = reassoc_kernel<T, BITS, NJ>;
+  const void* ptrs[] = {a.x, a.qweight, a.A};
+  const bool fast = vector_path_ok(a.K, ptrs, 3);
+  auto kernel = fast ? reassoc_kernel<T, BITS, NJ, true> : reassoc_kernel<T, BITS, NJ, false>;
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
   // Opt in once to the plan's cap (reassoc_plan_with_splits): dynamic + static shared memory over
   // 48 KB needs it, and a launch that exceeds the opt-in fails with "invalid argument".
-  static const cudaError_t opt_in =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
+  static const cudaError_t opt_in = [] {
+    cudaError_t e = cudaFuncSetAttribute(reassoc_kernel<T, BITS, NJ, true>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
+    return e != cudaSuccess ? e
+                            : cudaFuncSetAttribute(reassoc_kernel<T, BITS, NJ, false>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
+  }();
   if (opt_in != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(opt_in));
   if (smem > kReassocSmemCap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the cap");
-  const void* ptrs[] = {a.x, a.qweight, a.A};
-  const bool fast = vector_path_ok(a.K, ptrs, 3);
   dim3 grid((unsigned)((a.N + rows_per_block<NJ>() - 1) / rows_per_block<NJ>()), (unsigned)a.splits);
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+  kernel<<<grid, kReThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
-                                           a.K, a.r, a.k_per_split, fast);
+                                           a.K, a.r, a.k_per_split);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv launch: ") + cudaGetErrorString(e));
 }
@@ -306,7 +333,7 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
-  // Table + staged Z under 96 KB, so two blocks fit on an SM (228 KB).
+  // Table + staged Z under the cap (one block per SM, 227 KB).
   const int nj = column_tiles(M, r);
   const long max_sc = std::max<long>(1, ((long)kReassocSmemCap - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
   sc_per = min_l(sc_per, max_sc);
@@ -315,9 +342,9 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
 }
 
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
-  // Two blocks per SM resident: ask for that many blocks, as split-K over whole superchunks.
+  // One block per SM resident: ask for that many blocks, as split-K over whole superchunks.
   const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
-  const long want = (2L * sms + n_blocks - 1) / n_blocks;
+  const long want = ((long)sms + n_blocks - 1) / n_blocks;
   return reassoc_plan_with_splits(N, K, r, M, bits, (int)std::max<long>(1, want));
 }
 

@@ -2,7 +2,9 @@
 
 Ops it calls (registered by csrc/ops.cpp):
   torch.ops.lords.dequant_matmul_cuda(x2d, qweight, B, A, codebook, bias, path, splits)
-      path -1: fused tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS;
+      path -1: re-associated kernel for M = 1 and 16 < r <= 64 (csrc/reassoc_gemv.cu), fused
+      tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
+      re-associated kernel (M * ceil(r/8)*8 <= 64);
       splits 0: the kernel's own split-K plan (other values are for tuning).
   torch.ops.lords.dequant_cuda(qweight, B, A, codebook) -> W in B.dtype (float16 / bfloat16).
 Both take any rank r up to 128 in one launch. `y = x @ (codebook[Q] * (B @ A)).T` is linear in

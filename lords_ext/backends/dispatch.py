@@ -12,12 +12,14 @@ preference); None means no bound. The first row whose capability is <= the GPU's
 hold applies. The rows follow the H100 measurements (bench/cuda_notes.md, bench/triton_notes.md;
 CUDA graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank):
 
-    4096x4096 r=32   M=1: cuda 14.5 us, triton 22.8 | M=4: 16.0 vs 22.2 | M=16: 23.2 vs 23.1 | M=64: 56.8 vs 28.1
-    1024x4096 r=12   M=1: cuda 7.0, triton 8.8      | M=4: 9.2 vs 8.6   | M=16: 19.8 vs 9.4
-    14336x4096 r=49  M=1: cuda 103, triton 83       | M=16: 129 vs 79   | M=4096: 920 vs 844
+    4096x4096 r=32   M=1: cuda 14.0 us, triton 22.8 | M=4: 17.1 vs 22.2 | M=16: 23.2 vs 23.1 | M=64: 56.8 vs 28.1
+    1024x4096 r=12   M=1: cuda 7.5, triton 8.8      | M=4: 10.6 vs 8.6  | M=16: 19.8 vs 9.4
+    14336x4096 r=49  M=1: cuda 46.1, triton 82.7    | M=2: 94.0 vs 81.8 | M=16: 129 vs 79  | M=4096: 920 vs 844
 
-so the CUDA decode kernel leads only for M <= 4 with r <= 32, Triton everywhere else (its large-M
-path is a fused dequantize then cuBLAS). GPUs before sm_80 get no fused kernel.
+(CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu, session 2 runs in
+bench/cuda_notes.md.) So CUDA leads for one token up to r = 64 and for M <= 4 with r <= 32, Triton
+everywhere else (its large-M path is a fused dequantize then cuBLAS). GPUs before sm_80 get no fused
+kernel.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from . import available, get, names
 ENV = "LORDS_BACKEND"
 
 POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
+    ((8, 0), 1, 64, ("cuda", "triton", "reference")),
     ((8, 0), 4, 32, ("cuda", "triton", "reference")),
     ((8, 0), None, None, ("triton", "cuda", "reference")),
     ((0, 0), None, None, ("reference",)),
