@@ -51,6 +51,20 @@ constexpr int kReWarps = 16;
 constexpr int kReThreads = kReWarps * 32;
 constexpr size_t kReassocSmemCap = 160 * 1024;
 
+// The shared memory a block may opt in to on the current GPU (227 KB on sm_90, 163 KB on sm_80, 99 KB
+// on sm_86/89), less 1 KB for static shared memory, capped at kReassocSmemCap; cached per device.
+size_t smem_cap() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 96 * 1024;
+  if (cached[dev] == 0) {
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 97 * 1024;
+    cached[dev] = (int)std::min<size_t>(kReassocSmemCap, (size_t)optin - 1024);
+  }
+  return (size_t)cached[dev];
+}
+
 // Row tiles per warp: two share each staged Z fragment (half the Z loads per weight); one where the
 // accumulators of NJ = 8 column tiles would otherwise push the kernel past 128 registers.
 template <int NJ>
@@ -282,17 +296,20 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   const bool fast = vector_path_ok(a.K, ptrs, 3);
   auto kernel = fast ? reassoc_kernel<T, BITS, NJ, true> : reassoc_kernel<T, BITS, NJ, false>;
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
-  // Opt in once to the plan's cap (reassoc_plan_with_splits): dynamic + static shared memory over
-  // 48 KB needs it, and a launch that exceeds the opt-in fails with "invalid argument".
-  static const cudaError_t opt_in = [] {
-    cudaError_t e = cudaFuncSetAttribute(reassoc_kernel<T, BITS, NJ, true>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
-    return e != cudaSuccess ? e
-                            : cudaFuncSetAttribute(reassoc_kernel<T, BITS, NJ, false>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kReassocSmemCap);
-  }();
-  if (opt_in != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(opt_in));
-  if (smem > kReassocSmemCap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the cap");
+  // Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB
+  // needs it, and a launch that exceeds the opt-in fails with "invalid argument".
+  static bool opted_in[64] = {false};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const size_t cap = smem_cap();
+  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
+    for (auto k : {reassoc_kernel<T, BITS, NJ, true>, reassoc_kernel<T, BITS, NJ, false>}) {
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
+      if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
+    }
+    if (dev >= 0 && dev < 64) opted_in[dev] = true;
+  }
+  if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
   dim3 grid((unsigned)((a.N + rows_per_block<NJ>() - 1) / rows_per_block<NJ>()), (unsigned)a.splits);
   kernel<<<grid, kReThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
@@ -333,9 +350,9 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
-  // Table + staged Z under the cap (one block per SM, 227 KB).
+  // Table + staged Z under the device's cap (one block per SM).
   const int nj = column_tiles(M, r);
-  const long max_sc = std::max<long>(1, ((long)kReassocSmemCap - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
+  const long max_sc = std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
   sc_per = min_l(sc_per, max_sc);
   splits = (k_super + sc_per - 1) / sc_per;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
