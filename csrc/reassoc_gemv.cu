@@ -232,6 +232,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
 
   // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
   // Multiply by B[row, j], sum over this lane's columns per token, then over the 4 lanes of a row.
+  const bool pairs = r % 2 == 0 && reinterpret_cast<uintptr_t>(Bm) % 4 == 0;
   float part[NT][2][kReassocMaxM];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -245,12 +246,29 @@ __global__ void __launch_bounds__(kReThreads, 1)
     for (int jt = 0; jt < NJ; ++jt) {
       int m = 0, j0 = jt * 8 + 2 * t;
       while (j0 >= r8) j0 -= r8, ++m;
+      // B[row, j0 .. j0+1] as one 32-bit load where r is even (j0 is even, so the pair is aligned and
+      // either wholly inside the rank or wholly past it); rows past N read row N-1 (never stored).
+      float bv[4];
+      if (pairs) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long n = min_l(warp_row0 + nt * 16 + g + 8 * h, N - 1);
+          uint32_t w = 0u;
+          if (j0 < r && m < M) w = __ldg(reinterpret_cast<const unsigned int*>(Bm + n * r + j0));
+          bv[2 * h] = Mma<T>::to_float(reinterpret_cast<const T*>(&w)[0]);
+          bv[2 * h + 1] = Mma<T>::to_float(reinterpret_cast<const T*>(&w)[1]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = j0 + (i % 2);
+          const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
+          bv[i] = (n < N && j < r && m < M) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int j = j0 + (i % 2);
-        const long n = warp_row0 + nt * 16 + g + 8 * (i / 2);
-        const float b = (n < N && j < r && m < M) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
-        const float v = acc[nt][jt][i] * b;
+        const float v = acc[nt][jt][i] * bv[i];
 #pragma unroll
         for (int mm = 0; mm < kReassocMaxM; ++mm)
           if (mm == m) part[nt][i / 2][mm] += v;
