@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from backend_checks import autograd_scales_ref, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -50,25 +51,9 @@ def make_case(N, K, M, r, bits=4, codebook="nf4", xdtype=torch.bfloat16, sdtype=
     return gy, x, qweight, B, A, cb
 
 
-def autograd_ref(gy, x, qweight, B, A, cb):
-    from lords_ext.backends import reference
-    B64 = B.detach().double().requires_grad_(True)
-    A64 = A.detach().double().requires_grad_(True)
-    y = reference.dequant_matmul(x.double(), qweight, B64, A64, cb.double(), None)
-    y.backward(gy.double())
-    return B64.grad, A64.grad
-
-
-def rel_err(got, ref):
-    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    g64 = got.double()
-    assert torch.isfinite(g64).all(), "non-finite output"
-    return float((g64 - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def check(gb, ga, gy, x, qweight, B, A, cb, label):
     assert gb.dtype == B.dtype and ga.dtype == A.dtype, f"{label}: dtypes {gb.dtype}, {ga.dtype}"
-    rb, ra = autograd_ref(gy, x, qweight, B, A, cb)
+    rb, ra = autograd_scales_ref(gy, x, qweight, B, A, cb)
     tol = TOL[(x.dtype, B.dtype)]
     eb, ea = rel_err(gb, rb), rel_err(ga, ra)
     assert eb < tol and ea < tol, f"{label}: rel err grad_B {eb:.3g}, grad_A {ea:.3g} (bound {tol:g})"

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from backend_checks import rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,13 +52,6 @@ def make_layer(N, K, r, bits=4, codebook="nf4", sdtype=torch.bfloat16, seed=0, d
     else:
         cb = formats.get_codebook(codebook)[0].to(device)
     return qweight, B, A, cb
-
-
-def rel_err(y, ref):
-    assert y.shape == ref.shape
-    y64 = y.double()
-    assert torch.isfinite(y64).all(), "non-finite output"
-    return float((y64 - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 def reference_y(x, qweight, B, A, cb, bias):

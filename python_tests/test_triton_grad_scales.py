@@ -8,7 +8,6 @@ The interpreter's config (triton_kernels/grad_scales.py) uses 16x32 tiles, 16-to
 two N splits, so these shapes span several tiles in every dimension with masked edges."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -20,7 +19,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 from lords_ext import formats  # noqa: E402
-from lords_ext.backends import reference  # noqa: E402
+from backend_checks import autograd_scales_ref, codebook_for, load_interpreted, rel_err  # noqa: E402
 
 _KERNEL_MODULES = [
     "lords_ext.backends.triton_kernels._tuning",
@@ -30,17 +29,7 @@ _KERNEL_MODULES = [
 ]
 
 
-def _load_backend():
-    """The backend with interpreted kernels, even if another test imported it compiled first."""
-    for name in _KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
-        else:
-            importlib.import_module(name)
-    return sys.modules["lords_ext.backends.triton_backend"]
-
-
-tb = _load_backend()
+tb = load_interpreted(_KERNEL_MODULES)
 
 # relative error bound by the dtype of the returned gradient (B.dtype / A.dtype): the kernel
 # accumulates in fp32, so 16-bit results are bounded by their final rounding
@@ -54,12 +43,6 @@ def _one_thread(one_thread):
     yield
 
 
-def codebook_for(kind: str, bits: int, gen: torch.Generator) -> torch.Tensor:
-    if kind == "custom":
-        return torch.randn(1 << bits, generator=gen, dtype=torch.float64).sort().values.float()
-    return formats.get_codebook(f"{kind}{bits}")[0]
-
-
 def make_case(N, K, M, r, bits, cb_kind, xdtype, sdtype, seed):
     gen = torch.Generator().manual_seed(seed)
     qweight = formats.pack(torch.randint(0, 1 << bits, (N, K), generator=gen), bits)
@@ -71,26 +54,9 @@ def make_case(N, K, M, r, bits, cb_kind, xdtype, sdtype, seed):
     return gy, x, qweight, B, A, cb
 
 
-def autograd_ref(gy, x, qweight, B, A, cb):
-    """(dL/dB, dL/dA) for L = <gy, dequant_matmul(x)>, by autograd through the reference forward in
-    float64: independent of any hand-written backward formula."""
-    B64 = B.detach().double().requires_grad_(True)
-    A64 = A.detach().double().requires_grad_(True)
-    y = reference.dequant_matmul(x.double(), qweight, B64, A64, cb.double(), None)
-    y.backward(gy.double())
-    return B64.grad, A64.grad
-
-
-def rel_err(got, ref):
-    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    g64 = got.double()
-    assert torch.isfinite(g64).all(), "non-finite values in the Triton output"
-    return float((g64 - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def check(gb, ga, gy, x, qweight, B, A, cb, label):
     assert gb.dtype == B.dtype and ga.dtype == A.dtype, f"{label}: dtypes {gb.dtype}, {ga.dtype}"
-    rb, ra = autograd_ref(gy, x, qweight, B, A, cb)
+    rb, ra = autograd_scales_ref(gy, x, qweight, B, A, cb)
     eb, ea = rel_err(gb, rb), rel_err(ga, ra)
     assert eb < TOL[B.dtype], f"{label}: grad_B rel err {eb:.3g}"
     assert ea < TOL[A.dtype], f"{label}: grad_A rel err {ea:.3g}"
@@ -175,7 +141,7 @@ def test_float64_takes_the_exact_path():
     N, K = SHAPES[2]
     gy, x, qweight, B, A, cb = make_case(N, K, 4, 5, 2, "int", torch.float64, torch.float64, seed=64)
     gb, ga = tb.grad_scales(gy, x, qweight, B, A, cb)
-    rb, ra = autograd_ref(gy, x, qweight, B, A, cb)
+    rb, ra = autograd_scales_ref(gy, x, qweight, B, A, cb)
     assert gb.dtype == torch.float64 and rel_err(gb, rb) < 1e-12 and rel_err(ga, ra) < 1e-12
     assert tb.supports("grad_scales", gy.float(), 4) and not tb.supports("grad_scales", gy, 4)
 

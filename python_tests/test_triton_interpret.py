@@ -7,9 +7,7 @@ shrinks to one config (see triton_kernels/_tuning.py) that still spans several K
 and masked edges."""
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from lords_ext import formats  # noqa: E402
 from lords_ext.backends import reference  # noqa: E402
+from backend_checks import codebook_for, load_interpreted, rel_err  # noqa: E402
 
 _KERNEL_MODULES = [
     "lords_ext.backends.triton_kernels._tuning",
@@ -33,33 +32,9 @@ _KERNEL_MODULES = [
 ]
 
 
-def _load_backend():
-    """The backend with interpreted kernels, even if another test imported it compiled first."""
-    for name in _KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
-        else:
-            importlib.import_module(name)
-    return sys.modules["lords_ext.backends.triton_backend"]
-
-
-tb = _load_backend()
+tb = load_interpreted(_KERNEL_MODULES)
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(y, ref):
-    assert y.shape == ref.shape, f"shape {tuple(y.shape)} != {tuple(ref.shape)}"
-    y64 = y.double()
-    assert torch.isfinite(y64).all(), "non-finite values in the Triton output"
-    return float((y64 - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def codebook_for(kind: str, bits: int, gen: torch.Generator) -> torch.Tensor:
-    if kind == "custom":
-        levels = torch.randn(1 << bits, generator=gen, dtype=torch.float64).sort().values
-        return levels.to(torch.float32)
-    return formats.get_codebook(f"{kind}{bits}")[0]
 
 
 def make_layer(N, K, r, bits, cb_kind, sdtype=torch.float32, seed=0):

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import load_codes, load_levels, lookup, mma
-from ._tuning import SMS, _cfg, _pow2_floor, autotune_kwargs, interpreting
+from ._tuning import _cfg, autotune_kwargs, interpreting, split_for
 
 MAX_R_PAD = 128  # larger ranks run in chunks of 128 from the launcher (the grad_A tile is r x BLOCK_K)
 
@@ -108,10 +108,7 @@ def grad_scales_kernel(gy_ptr, x_ptr, q_ptr, b_ptr, a_ptr, cb_ptr, gb_ptr, ga_pt
 
 def split_n_for(N: int, K: int, block_n: int, block_k: int, waves: int = 2) -> int:
     """SPLIT_N giving about `waves` programs per SM over the K tiles, at least one N tile each."""
-    k_tiles = triton.cdiv(K, block_k)
-    n_tiles = triton.cdiv(N, block_n)
-    want = max(1, (waves * SMS) // k_tiles)
-    return max(1, min(_pow2_floor(want), _pow2_floor(n_tiles)))
+    return split_for(triton.cdiv(K, block_k), triton.cdiv(N, block_n), waves)
 
 
 def grad_scales_configs():
@@ -124,7 +121,7 @@ def grad_scales_configs():
     # activations and fp32 scales (at most 48 B with bf16 scales), where 4-warp 64x128 tiles
     # spilled ~0.5 KB. The last one is for fp32
     # activations, whose 3xTF32 operands triple the tiles (80 B of spills; others spill > 0.7 KB).
-    # Timings on the GPU are still to be measured (bench/bench_grad_scales.py).
+    # H100 timings: bench/peft_notes.md (bench/bench_grad_scales.py).
     return [
         _cfg(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, SPLIT_N=0, num_warps=8, num_stages=3),
         _cfg(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, SPLIT_N=0, num_warps=8, num_stages=3),
