@@ -60,7 +60,17 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   const long row_bytes = K * BITS / 8;
 
   auto load_codes = [&](Codes<BITS> (&c)[kNT][2], int sc) {
-    load_tile_codes<BITS, kNT>(c, qw, warp_row0, g, N, K, k0 + (long)sc * kSuper + 32 * t, row_bytes, fast);
+    const long kf = k0 + (long)sc * kSuper + 32 * t;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = warp_row0 + nt * 16 + g + 8 * hh;
+        if (n < N && kf < K)
+          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, fast);
+        else
+          c[nt][hh].clear();
+      }
   };
 
   // Codes of the first superchunk go out first: their DRAM latency overlaps the staging below.

@@ -178,24 +178,6 @@ struct Codes {
   }
 };
 
-// The codes of a warp's NT 16-row tiles (lane rows row0 + 16 nt + g and + 8) for one superchunk, this
-// lane's part starting at k = kf; rows past N and a superchunk past K read as zero codes (their x, Z and
-// A entries are zero too). Shared by the decode, re-associated and dequant kernels.
-template <int BITS, int NT>
-__device__ __forceinline__ void load_tile_codes(Codes<BITS> (&c)[NT][2], const uint8_t* qw, long row0, int g, long N,
-                                                long K, long kf, long row_bytes, bool fast) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const long n = row0 + nt * 16 + g + 8 * hh;
-      if (n < N && kf < K)
-        c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, fast);
-      else
-        c[nt][hh].clear();
-    }
-}
-
 // Shared-memory image of A[:, k0 : k0 + kc] in fragment order: for superchunk sc, k-tile s, rank
 // chunk c (16 ranks) and lane, 16 bytes = {h0.b0, h0.b1, h1.b0, h1.b1}, where h picks the k-positions
 // 0..7 or 8..15 of the two scale mmas. Rank rows >= r and k >= K are zero, so padded ranks and the K

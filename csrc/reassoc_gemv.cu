@@ -106,14 +106,19 @@ __global__ void __launch_bounds__(kReThreads, 1)
     for (int hh = 0; hh < 2; ++hh)
       rowp[nt][hh] = qw + min_l(warp_row0 + nt * 16 + g + 8 * hh, N - 1) * row_bytes + (k0 + 32 * t) * BITS / 8;
   auto load_codes = [&](Codes<BITS> (&c)[NT][2], int sc) {
-    if constexpr (FAST) {
+    const long kf = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) c[nt][hh].load_fast(rowp[nt][hh] + sc * (kSuper * BITS / 8));
-    } else {
-      load_tile_codes<BITS, NT>(c, qw, warp_row0, g, N, K, k0 + (long)sc * kSuper + 32 * t, row_bytes, false);
-    }
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = warp_row0 + nt * 16 + g + 8 * hh;
+        if constexpr (FAST)
+          c[nt][hh].load_fast(rowp[nt][hh] + sc * (kSuper * BITS / 8));
+        else if (n < N && kf < K)
+          c[nt][hh].load(qw + n * row_bytes, kf, row_bytes, false);
+        else
+          c[nt][hh].clear();
+      }
   };
 
   // The prologue is latency, not work: every global load below is issued before its first use, so the
