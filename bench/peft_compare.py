@@ -96,7 +96,7 @@ def make_pack(path: str, cal_tokens: int, eval_tokens: int, ref_tokens: int, bit
     from safetensors.torch import save_file
     from lords_ext import data
     t0 = time.time()
-    model, tok = data.load_smollm2()
+    model, tok = data.load_smollm2(dtype=torch.float32)  # fp32 already; GGUF models refuse .float()
     cfg = model.config
     cal_a, ev_a = data.wiki_split()
     cal = data.tokenize_text(tok, data.join_articles(cal_a), cal_tokens)
@@ -195,11 +195,11 @@ def load_pack(path: str):
 def load_packaged(cal_tokens: int, eval_tokens: int):
     """The whole packaged SmolLM2 (30 blocks) and the wiki token ids, from lords_ext.data."""
     from lords_ext import data
-    model, tok = data.load_smollm2()
+    model, tok = data.load_smollm2(dtype=torch.float32)  # fp32 already; GGUF models refuse .float()
     cal_a, ev_a = data.wiki_split()
     cal = data.tokenize_text(tok, data.join_articles(cal_a), cal_tokens)
     ev = data.tokenize_text(tok, data.join_articles(ev_a), eval_tokens)
-    return model.float().eval(), cal, ev, {"blocks": "all 30", "source": data.SMOLLM2_GGUF, "encoding": "exact",
+    return model.eval(), cal, ev, {"blocks": "all 30", "source": data.SMOLLM2_GGUF, "encoding": "exact",
                                            "tokens": "", "ref_eval_loss": None, "ref_eval_tokens": 0}
 
 
@@ -219,8 +219,11 @@ def _set(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+FROZEN_DTYPE = torch.bfloat16  # --frozen-dtype; fp32 on CPUs, where bf16 matmuls are ~10x slower
+
+
 def frozen_to_bf16(model: nn.Module) -> None:
-    """Parameters and float buffers that do not train become bf16. Quantized layers (LordsLinear,
+    """Parameters and float buffers that do not train become FROZEN_DTYPE (bf16 unless --frozen-dtype). Quantized layers (LordsLinear,
     QAT layers) keep their own dtypes (fp32 scales and codebook), so a frozen LoRDS model is
     evaluated with the same precision whether its scales were trained (PEFT) or not (QAT, frozen)."""
     from lords_ext.qat import QAT_LAYERS
@@ -232,11 +235,11 @@ def frozen_to_bf16(model: nn.Module) -> None:
         if id(mod) in skip:
             continue
         for p in mod.parameters(recurse=False):
-            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
+            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != FROZEN_DTYPE:
+                p.data = p.data.to(FROZEN_DTYPE)
         for name, b in list(mod.named_buffers(recurse=False)):
             if b.dtype == torch.float32 and "inv_freq" not in name:  # rotary tables stay fp32, as in HF
-                mod._buffers[name] = b.to(torch.bfloat16)
+                mod._buffers[name] = b.to(FROZEN_DTYPE)
 
 
 class Runner:
@@ -301,13 +304,13 @@ class Runner:
         from peft import LoraConfig, get_peft_model
         if bits != 4:
             raise SkipRun("bitsandbytes has no 3-bit format")
-        m = copy.deepcopy(self.src).to(torch.bfloat16)
+        m = copy.deepcopy(self.src).to(FROZEN_DTYPE)
         m.requires_grad_(False)
         t0 = time.perf_counter()
         ranks, alphas = {}, {}
         for name, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear) and n != "lm_head"]:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=torch.bfloat16, quant_type="nf4")
+                                  compute_dtype=FROZEN_DTYPE, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", blocksize=64)
             _set(m, name, q)
             if method == "qlora-eq":
@@ -389,7 +392,7 @@ def probe_backend(runner: Runner, dev, report: dict):
     m, _ = runner.lords_ptq(4)
     layer = next(x for x in m.modules() if isinstance(x, LordsLinear))
     M = runner.args.batch * runner.args.seq_len
-    x = torch.randn(M, layer.in_features, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(M, layer.in_features, device=dev, dtype=FROZEN_DTYPE)
     report["backend"] = {op: dispatch.choose(op, x, M) for op in ("dequant_matmul", "grad_x", "grad_scales")}
 
     def run():
@@ -467,9 +470,13 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that would start after this many seconds")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="dtype of everything that does not train (and of QLoRA's compute); fp32 for CPU runs")
     ap.add_argument("--smoke-blocks", type=int, default=0,
                     help="pipeline test only: keep the first N decoder blocks (a broken model; never for results)")
     args = ap.parse_args(argv)
+    global FROZEN_DTYPE
+    FROZEN_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.frozen_dtype]
     t_start = time.time()
 
     if args.make_pack:
@@ -523,10 +530,10 @@ def main(argv=None):
 
     runner = Runner(src, args, dev)
     with torch.no_grad():
-        base = copy.deepcopy(src).to(dev).to(torch.bfloat16)
+        base = copy.deepcopy(src).to(dev).to(FROZEN_DTYPE)
         report["float_eval_loss"] = eval_loss(base, ev, args.seq_len, args.eval_batch)
         del base
-    log(f"unquantized source model (bf16): eval loss {report['float_eval_loss']:.4f} "
+    log(f"unquantized source model ({args.frozen_dtype}): eval loss {report['float_eval_loss']:.4f} "
         f"ppl {math.exp(report['float_eval_loss']):.2f}")
     if any(m.startswith("lords") for m in args.methods):
         probe_backend(runner, dev, report)
@@ -590,7 +597,7 @@ def main(argv=None):
 def print_table(report):
     fl = report["float_eval_loss"]
     log("")
-    log(f"{report['device']}, {report['model']['blocks']} blocks; unquantized bf16 eval loss {fl:.4f} "
+    log(f"{report['device']}, {report['model']['blocks']} blocks; unquantized {report['args']['frozen_dtype']} eval loss {fl:.4f} "
         f"(ppl {math.exp(fl):.2f})")
     log("| bits | method | lr (scales/adapter; weights) | trainable | eval loss before | after | ppl before | after "
         "| step ms | peak GiB |")
