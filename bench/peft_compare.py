@@ -348,7 +348,7 @@ def sync(dev):
 
 def train(model, groups, batches, args, dev):
     """AdamW (no weight decay), linear warmup over 10% of the steps then cosine to 10%, grad-norm clip 1.
-    Returns (per-step seconds, losses, peak bytes)."""
+    Returns (per-step seconds, losses, peak bytes, profile summary or None)."""
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, len(batches) // 10)
@@ -365,7 +365,11 @@ def train(model, groups, batches, args, dev):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
-    for b in batches:
+    prof, summary, first = None, None, min(5, len(batches) - 1)  # profile after the warm-up steps (autotuning, caches)
+    n_prof = min(args.profile_steps, len(batches) - first)
+    for i, b in enumerate(batches):
+        if n_prof > 0 and i == first:
+            prof = start_profiler(dev)
         b = b.to(dev)
         sync(dev)
         t0 = time.perf_counter()
@@ -377,12 +381,50 @@ def train(model, groups, batches, args, dev):
         opt.zero_grad(set_to_none=True)
         sync(dev)
         times.append(time.perf_counter() - t0)
+        if prof is not None and i == first + n_prof - 1:
+            prof.stop()
+            summary = summarize_profile(prof, dev, n_prof, sum(times[first:]))
+            prof = None
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"training loss became {losses[-1]} at step {len(losses)}")
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     model.eval()
-    return times, losses, peak
+    return times, losses, peak, summary
+
+
+def start_profiler(dev):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof = profile(activities=acts)
+    prof.start()
+    return prof
+
+
+def summarize_profile(prof, dev, steps: int, wall_s: float, top: int = 12) -> dict:
+    """Where a training step's time goes: wall time vs the summed GPU kernel time per step (their
+    difference is host overhead the GPU waits through), kernel launches per step, and the ops with
+    the most self time on the device and on the host."""
+    ev = prof.key_averages()
+    dev_key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+
+    def rows(key):
+        best = sorted(ev, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+        return [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key, 0.0) / 1e3 / steps}
+                for e in best]
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA")]
+    out = {"steps": steps, "wall_ms_per_step": 1e3 * wall_s / steps,
+           "kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / steps if kernels else None,
+           "kernel_launches_per_step": len(kernels) / steps if kernels else None,
+           "top_device": rows(dev_key), "top_host": rows("self_cpu_time_total")}
+    log(f"  profile ({steps} steps): wall {out['wall_ms_per_step']:.1f} ms/step"
+        + (f", GPU kernels {out['kernel_ms_per_step']:.1f} ms/step in {out['kernel_launches_per_step']:.0f} launches"
+           if kernels else ""))
+    for title, key in (("device", "top_device"), ("host", "top_host")):
+        log(f"  top {title} self time per step: " + "; ".join(
+            f"{r['op'][:48]} {r['ms_per_step']:.2f} ms x{r['calls_per_step']:.0f}" for r in out[key][:8]))
+    return out
 
 
 def probe_backend(runner: Runner, dev, report: dict):
@@ -470,6 +512,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that would start after this many seconds")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many training steps (after 5 warm-up steps) of every run with torch.profiler "
+                         "and report wall vs GPU-kernel time per step and the top ops (those steps stay in step_ms)")
     ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
                     help="dtype of everything that does not train (and of QLoRA's compute); fp32 for CPU runs")
     ap.add_argument("--smoke-blocks", type=int, default=0,
@@ -556,7 +601,9 @@ def main(argv=None):
             row["trainable"] = sum(p.numel() for grp in groups for p in grp["params"])
             with torch.no_grad():
                 row["eval_before"] = eval_loss(model, ev, args.seq_len, args.eval_batch)
-            times, losses, peak = train(model, groups, batches, args, dev)
+            times, losses, peak, prof = train(model, groups, batches, args, dev)
+            if prof is not None:
+                row["profile"] = prof
             if method.endswith("qat"):
                 from lords_ext.qat import freeze_model
                 model = freeze_model(model)  # evaluate what deploys: (Q, B, A) LordsLinear layers
