@@ -49,3 +49,17 @@ def load_interpreted(module_names: list[str]):
         else:
             importlib.import_module(name)
     return sys.modules[module_names[-1]]
+
+
+def compiled_triton():
+    """The Triton backend module for tests of the compiled kernels; skips under the interpreter (which
+    has its own test files) and where the backend cannot run (no triton, no GPU, GPU before sm_80)."""
+    import os
+
+    import pytest
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("this module tests the compiled kernels; the interpreter has its own test file")
+    from lords_ext.backends import triton_backend
+    if not triton_backend.available():
+        pytest.skip("triton backend unavailable (no triton or GPU before sm_80)")
+    return triton_backend

@@ -9,11 +9,10 @@ products (rounding ~5e-4 per operand); bf16 scales make the rank products bf16 (
 bf16, ~3e-3 measured in the interpreter) before the result is rounded to bf16."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-from backend_checks import autograd_scales_ref, rel_err
+from backend_checks import autograd_scales_ref, compiled_triton, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,15 +22,6 @@ TOL = {(torch.float32, torch.float32): 1e-4,
        (torch.float16, torch.float32): 2e-3,
        (torch.bfloat16, torch.bfloat16): 1e-2,
        (torch.float16, torch.float16): 3e-3}
-
-
-def _backend():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("this module tests the compiled kernels; the interpreter has its own test file")
-    from lords_ext.backends import triton_backend
-    if not triton_backend.available():
-        pytest.skip("triton backend unavailable (no triton or GPU before sm_80)")
-    return triton_backend
 
 
 def make_case(N, K, M, r, bits=4, codebook="nf4", xdtype=torch.bfloat16, sdtype=torch.float32, seed=0):
@@ -67,7 +57,7 @@ DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torc
 @pytest.mark.parametrize("M", [16, 256])
 @pytest.mark.parametrize("xdtype,sdtype", DTYPES)
 def test_llama_shapes(N, K, r, M, xdtype, sdtype):
-    tb = _backend()
+    tb = compiled_triton()
     case = make_case(N, K, M, r, xdtype=xdtype, sdtype=sdtype, seed=N + M)
     gb, ga = tb.grad_scales(*case)
     check(gb, ga, *case, f"{N}x{K} r={r} M={M} x={xdtype} s={sdtype}")
@@ -87,7 +77,7 @@ ODD = [
 @cuda
 @pytest.mark.parametrize("N,K,M,r,bits,cb,xdtype,sdtype", ODD)
 def test_odd_shapes(N, K, M, r, bits, cb, xdtype, sdtype):
-    tb = _backend()
+    tb = compiled_triton()
     case = make_case(N, K, M, r, bits, cb, xdtype, sdtype, seed=N * 7 + r)
     gb, ga = tb.grad_scales(*case)
     check(gb, ga, *case, f"{N}x{K} M={M} r={r} bits={bits} {cb}")
@@ -95,7 +85,7 @@ def test_odd_shapes(N, K, M, r, bits, cb, xdtype, sdtype):
 
 @cuda
 def test_deterministic_mode_is_repeatable():
-    tb = _backend()
+    tb = compiled_triton()
     case = make_case(4096, 4096, 256, 32, seed=3)
     d1 = tb.grad_scales(*case, deterministic=True)
     d2 = tb.grad_scales(*case, deterministic=True)
@@ -107,7 +97,7 @@ def test_deterministic_mode_is_repeatable():
 
 @cuda
 def test_fixed_config_path(monkeypatch):
-    tb = _backend()
+    tb = compiled_triton()
     monkeypatch.setenv("LORDS_TRITON_TUNE", "0")
     case = make_case(14336, 4096, 64, 49, xdtype=torch.float16, sdtype=torch.float32, seed=4)
     gb, ga = tb.grad_scales(*case)
@@ -116,7 +106,7 @@ def test_fixed_config_path(monkeypatch):
 
 @cuda
 def test_autograd_dispatches_to_triton():
-    tb = _backend()
+    tb = compiled_triton()
     from lords_ext.backends import dispatch
 
     if dispatch.forced() not in (None, "triton"):

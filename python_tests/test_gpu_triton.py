@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from backend_checks import rel_err
+from backend_checks import compiled_triton, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,15 +27,6 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 def parity_rank(N, K, block=64):
     return max(1, (N * K) // (block * (N + K)))
-
-
-def _backend():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("this module tests the compiled kernels; the interpreter has its own test file")
-    from lords_ext.backends import triton_backend
-    if not triton_backend.available():
-        pytest.skip("triton backend unavailable (no triton or GPU before sm_80)")
-    return triton_backend
 
 
 def make_layer(N, K, r, bits=4, codebook="nf4", sdtype=torch.bfloat16, seed=0, device="cuda"):
@@ -63,7 +54,7 @@ def reference_y(x, qweight, B, A, cb, bias):
 @cuda
 @pytest.mark.parametrize("N,K", LLAMA_SHAPES)
 def test_llama_shapes_every_m(N, K):
-    tb = _backend()
+    tb = compiled_triton()
     r = parity_rank(N, K)
     qweight, B, A, cb = make_layer(N, K, r, seed=N + K)
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -94,7 +85,7 @@ ODD_CASES = [
 @pytest.mark.parametrize("bits,codebook,dtype,sdtype,r,N,K,has_bias", ODD_CASES)
 @pytest.mark.parametrize("algo", ["reassoc", "splitk", "tiled", "dequant_mm", None])
 def test_odd_shapes(bits, codebook, dtype, sdtype, r, N, K, has_bias, algo):
-    tb = _backend()
+    tb = compiled_triton()
     qweight, B, A, cb = make_layer(N, K, r, bits, codebook, sdtype, seed=r * 7 + bits)
     gen = torch.Generator(device="cuda").manual_seed(2)
     bias = torch.randn(N, device="cuda", generator=gen).to(dtype) if has_bias else None
@@ -112,7 +103,7 @@ def test_odd_shapes(bits, codebook, dtype, sdtype, r, N, K, has_bias, algo):
                                                      (2, torch.float16, torch.bfloat16, 40, 130, 2052)])
 def test_grad_x_and_dequant(bits, dtype, sdtype, r, N, K):
     from lords_ext.backends import reference
-    tb = _backend()
+    tb = compiled_triton()
     qweight, B, A, cb = make_layer(N, K, r, bits, f"nf{bits}", sdtype, seed=bits)
     W = tb.dequant(qweight, B, A, cb)
     Wref = reference.dequant(qweight, B.float(), A.float(), cb)
@@ -130,7 +121,7 @@ def test_grad_x_and_dequant(bits, dtype, sdtype, r, N, K):
 @cuda
 def test_cuda_graph_replay_matches_eager():
     """Split-K reuses a self-cleaning workspace: replays of a captured call must stay exact."""
-    tb = _backend()
+    tb = compiled_triton()
     qweight, B, A, cb = make_layer(4096, 4096, 32, seed=9)
     x = torch.randn(4, 4096, device="cuda").to(torch.bfloat16)
     eager = tb.dequant_matmul(x, qweight, B, A, cb, None)
@@ -235,10 +226,7 @@ def _plan(quick: bool, auto: bool):
             config = {"num_warps": 4, "num_stages": 3, **cfg}
         return (label, algo, config, {**fixed, **(env or {})})
 
-    sel, glo = {"LORDS_TRITON_LUT": "select"}, {"LORDS_TRITON_LUT": "global"}
     dec = lambda bn, bk, sk, w=4, st=3: dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
-    til = lambda bn, bm, bk, w, st=3: dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=8, num_warps=w,
-                                           num_stages=st)
     m1 = [v("reassoc-1 64x128 s4 w4", "reassoc", **dec(64, 128, 4)),
           v("reassoc-1 64x128 s8 w4", "reassoc", **dec(64, 128, 8)),
           v("reassoc-1 64x64 s4 w4 st4", "reassoc", **dec(64, 64, 4, 4, 4)),
