@@ -5,7 +5,7 @@ Task: continued training (next-token loss) on the calibration Wikipedia articles
 evaluated on the held-out articles (lords_ext.data.wiki_split: even articles train, odd ones evaluate).
 Per run: eval loss / perplexity of the quantized model before and after training, trainable
 parameters, median step time (forward + backward + optimizer, CUDA-synchronized) and peak GPU memory
-during training. Frozen parts of every model are bf16; trained parameters are fp32 (LoRA's A/B, LoRDS'
+during training. Frozen parts of every model are bf16 (--frozen-dtype fp32 for CPU runs); trained parameters are fp32 (LoRA's A/B, LoRDS'
 B/A, QAT latent weights and scales); no autocast.
 
 Methods (bits 4, and 3 where the method has a 3-bit form):
@@ -13,11 +13,15 @@ Methods (bits 4, and 3 where the method has a 3-bit form):
   qlora-eq     bitsandbytes NF4 (block 64, double quant) + peft LoRA on the same layers, per-layer rank
                = the LoRDS layer's rank, so the trainable count is exactly LoRDS-PEFT's; alpha = 2 r.
   qlora-r16    the same with the usual rank 16, alpha 32.
+  nflora-eq    QLoRA's recipe at any width, simulated: block-wise NF{bits} (block 64, absmax, no double
+               quant) dequantized into frozen weights + the same LoRA as qlora-eq (nflora-r16: rank 16).
+               Same arithmetic as a packed kernel, not its memory or speed; at 4 bits it checks that
+               the simulation tracks qlora-eq, at 3 bits it is the baseline QLoRA cannot run.
   lords-qat    LordsQATLinear from the LoRDS PTQ: latent fp32 W + B, A, straight-through rounding;
                evaluated after freeze() as the deployable (Q, B, A) model.
   block-qat    BlockQATLinear: latent fp32 W + block-64 scales (clipping-searched init), NF codebook.
 QLoRA is skipped with a message where bitsandbytes or peft is missing, and at 3 bits (bitsandbytes
-has no 3-bit format).
+has no 3-bit format); nflora where peft is missing.
 
 Model source: the packaged SmolLM2-135M GGUF (lords_ext.data.load_smollm2) where it is installed, or
 a "pack" made by `--make-pack` for a machine without it (the GPU machine: one call carries 64 MiB,
@@ -288,8 +292,8 @@ class Runner:
             sync(self.dev)
             info["quantize_s"] = time.perf_counter() - t0
             groups = param_groups(m, lr_scales=lr, lr_weights=lr_w)
-        elif method.startswith("qlora"):
-            m, info = self.qlora(method, bits)
+        elif method.startswith("qlora") or method.startswith("nflora"):
+            m, info = (self.qlora if method.startswith("qlora") else self.nflora)(method, bits)
             groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
         else:
             raise ValueError(f"method: unknown {method!r}")
@@ -301,38 +305,61 @@ class Runner:
 
     def qlora(self, method: str, bits: int):
         import bitsandbytes as bnb
-        from peft import LoraConfig, get_peft_model
         if bits != 4:
             raise SkipRun("bitsandbytes has no 3-bit format")
         m = copy.deepcopy(self.src).to(FROZEN_DTYPE)
         m.requires_grad_(False)
         t0 = time.perf_counter()
-        ranks, alphas = {}, {}
-        for name, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear) and n != "lm_head"]:
+        for name, lin in self._linears(m):
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=FROZEN_DTYPE, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", blocksize=64)
             _set(m, name, q)
-            if method == "qlora-eq":
-                N, K = lin.out_features, lin.in_features
-                r = max(1, (N * K) // (64 * (N + K)))  # the LoRDS parity rank of this layer (block 64)
-                ranks[name], alphas[name] = r, 2 * r
         m = m.to(self.dev)  # quantizes
         sync(self.dev)
-        secs = time.perf_counter() - t0
-        r = 16 if method == "qlora-r16" else 4
+        return self._lora(m, method, time.perf_counter() - t0)
+
+    def nflora(self, method: str, bits: int):
+        """QLoRA's recipe at any width: block-wise NF{bits} (block 64, round to nearest, absmax
+        scales, as bitsandbytes NF4 without double quantization) held as frozen dequantized
+        weights, plus the same peft LoRA. Same numbers as a packed kernel would compute, not its
+        memory or speed: the row that QLoRA cannot have at 3 bits."""
+        from lords_ext import blockwise_quantize
+        m = copy.deepcopy(self.src).to(self.dev)
+        m.requires_grad_(False)
+        t0 = time.perf_counter()
+        for _, lin in self._linears(m):
+            lin.weight.data = blockwise_quantize(lin.weight.data.float(), bits=bits, block=64).dequantize()
+        sync(self.dev)
+        return self._lora(m, method, time.perf_counter() - t0)
+
+    @staticmethod
+    def _linears(m: nn.Module):
+        return [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear) and n != "lm_head"]
+
+    def _lora(self, m: nn.Module, method: str, quantize_s: float):
+        """peft LoRA on the 7 projections: rank 16 for *-r16, else per layer the LoRDS parity rank
+        (block 64) so that the trainable count equals LoRDS-PEFT's exactly; alpha = 2 r."""
+        from peft import LoraConfig, get_peft_model
+        ranks, alphas = {}, {}
+        if method.endswith("-eq"):
+            for name, lin in self._linears(self.src):
+                N, K = lin.out_features, lin.in_features
+                r = max(1, (N * K) // (64 * (N + K)))
+                ranks[name], alphas[name] = r, 2 * r
+        r = 16 if method.endswith("-r16") else 4
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                          target_modules=[k.rsplit(".", 1)[-1] for k in LINEARS],
                          rank_pattern={re.escape(k): v for k, v in ranks.items()},
                          alpha_pattern={re.escape(k): v for k, v in alphas.items()})
         m = get_peft_model(m, cfg)
-        info = {"quantize_s": secs, "lora_rank": "per layer = LoRDS parity rank" if ranks else r}
+        info = {"quantize_s": quantize_s, "lora_rank": "per layer = LoRDS parity rank" if ranks else r}
         if ranks:  # the point of this run: exactly LoRDS-PEFT's trainable count
             want = sum(r * (lin.in_features + lin.out_features) for name, r in ranks.items()
                        for lin in [self.src.get_submodule(name)])
             got = sum(p.numel() for p in m.parameters() if p.requires_grad)
             if got != want:
-                raise RuntimeError(f"qlora-eq: peft made {got} trainable parameters, expected {want} (rank_pattern "
+                raise RuntimeError(f"{method}: peft made {got} trainable parameters, expected {want} (rank_pattern "
                                    "not applied by this peft version?)")
         return m, info
 
@@ -467,18 +494,24 @@ def probe_backend(runner: Runner, dev, report: dict):
         f"{report.get('backend_fallback', '')}")
 
 
+def runnable(method: str, bits: int, have_qlora: bool) -> bool:
+    if method.startswith("qlora"):
+        return bits == 4 and have_qlora
+    return have_qlora or not method.startswith("nflora")  # nflora needs peft (checked with bitsandbytes)
+
+
 def plan(args, have_qlora: bool):
     """Runs in order of priority (the budget may stop the tail): (bits, method, lr, lr_weights)."""
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            if method.startswith("qlora") and (bits != 4 or not have_qlora):
+            if not runnable(method, bits, have_qlora):
                 continue
             lrs = args.lr_qat if method.endswith("qat") else args.lr_peft
             runs.append((bits, method, lrs[0], args.lr_weights[0]))
     for bits in args.bits:  # the rest of the learning-rate sweep
         for method in args.methods:
-            if method.startswith("qlora") and (bits != 4 or not have_qlora):
+            if not runnable(method, bits, have_qlora):
                 continue
             if method.endswith("qat"):
                 extra = [(lr, lw) for lr in args.lr_qat for lw in args.lr_weights][1:]
