@@ -13,10 +13,11 @@ sys.path.insert(0, os.getcwd())
 
 import lords_ext.backends.cuda  # noqa: E402,F401  (registers torch.ops.lords.*_cuda)
 from lords_ext.formats import get_codebook  # noqa: E402
+from lords_ext.quantize import parity_rank  # noqa: E402
 
 N, K, M = (int(v) for v in sys.argv[1:4])
 paths = [int(p) for p in (sys.argv[4] if len(sys.argv) > 4 else "2,0").split(",")]
-r = max(1, N * K // (64 * (N + K)))
+r = parity_rank(N, K, 64)
 dev = torch.device("cuda")
 q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev)
 B = ((torch.rand(N, r, device=dev) + 0.5) / math.sqrt(r)).bfloat16()

@@ -5,8 +5,8 @@ Task: continued training (next-token loss) on the calibration Wikipedia articles
 evaluated on the held-out articles (lords_ext.data.wiki_split: even articles train, odd ones evaluate).
 Per run: eval loss / perplexity of the quantized model before and after training, trainable
 parameters, median step time (forward + backward + optimizer, CUDA-synchronized) and peak GPU memory
-during training. Frozen parts of every model are bf16 (--frozen-dtype fp32 for CPU runs); trained parameters are fp32 (LoRA's A/B, LoRDS'
-B/A, QAT latent weights and scales); no autocast.
+during training. Frozen parts of every model are bf16 (--frozen-dtype fp32 for CPU runs); trained
+parameters are fp32 (LoRA's A/B, LoRDS' B/A, QAT latent weights and scales); no autocast.
 
 Methods (bits 4, and 3 where the method has a 3-bit form):
   lords-peft   LoRDS PTQ (block-64 parity rank, ALS refinement) then train B, A only (codes frozen).
@@ -292,7 +292,7 @@ class Runner:
             sync(self.dev)
             info["quantize_s"] = time.perf_counter() - t0
             groups = param_groups(m, lr_scales=lr, lr_weights=lr_w)
-        elif method.startswith("qlora") or method.startswith("nflora"):
+        elif method.startswith(("qlora", "nflora")):
             m, info = (self.qlora if method.startswith("qlora") else self.nflora)(method, bits)
             groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
         else:
@@ -341,11 +341,12 @@ class Runner:
         """peft LoRA on the 7 projections: rank 16 for *-r16, else per layer the LoRDS parity rank
         (block 64) so that the trainable count equals LoRDS-PEFT's exactly; alpha = 2 r."""
         from peft import LoraConfig, get_peft_model
+
+        from lords_ext.quantize import parity_rank
         ranks, alphas = {}, {}
         if method.endswith("-eq"):
             for name, lin in self._linears(self.src):
-                N, K = lin.out_features, lin.in_features
-                r = max(1, (N * K) // (64 * (N + K)))
+                r = parity_rank(lin.out_features, lin.in_features, 64)
                 ranks[name], alphas[name] = r, 2 * r
         r = 16 if method.endswith("-r16") else 4
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",

@@ -17,6 +17,7 @@ import torch
 from lords_ext.backends import cuda as cuda_backend
 from lords_ext.backends import reference
 from lords_ext.formats import get_codebook, pack
+from lords_ext.quantize import parity_rank
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -28,9 +29,6 @@ TOL = 1e-2
 LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
 
-
-def parity_rank(N, K, block=64):
-    return max(1, N * K // (block * (N + K)))
 
 
 def make(M, N, K, r, bits, dtype=torch.bfloat16, seed=0, codebook=None, scale_dtype=None):
@@ -63,7 +61,7 @@ def ref_matmul(x, qweight, B, A, cb, bias):
 @pytest.mark.parametrize("N,K", LLAMA)
 @pytest.mark.parametrize("M", MS)
 def test_benchmark_matrix_4bit(N, K, M):
-    r = parity_rank(N, K)
+    r = parity_rank(N, K, 64)
     x, qweight, B, A, cb, bias = make(M, N, K, r, 4, seed=M + N)
     ref = ref_matmul(x, qweight, B, A, cb, None)
     poison(M * N * 16)

@@ -9,7 +9,6 @@ products (rounding ~5e-4 per operand); bf16 scales make the rank products bf16 (
 bf16, ~3e-3 measured in the interpreter) before the result is rounded to bf16."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from backend_checks import autograd_scales_ref, compiled_triton, rel_err

@@ -18,15 +18,13 @@ import pytest
 import torch
 from backend_checks import compiled_triton, rel_err
 
+from lords_ext.quantize import parity_rank
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 LLAMA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 LLAMA_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def parity_rank(N, K, block=64):
-    return max(1, (N * K) // (block * (N + K)))
 
 
 def make_layer(N, K, r, bits=4, codebook="nf4", sdtype=torch.bfloat16, seed=0, device="cuda"):
@@ -55,7 +53,7 @@ def reference_y(x, qweight, B, A, cb, bias):
 @pytest.mark.parametrize("N,K", LLAMA_SHAPES)
 def test_llama_shapes_every_m(N, K):
     tb = compiled_triton()
-    r = parity_rank(N, K)
+    r = parity_rank(N, K, 64)
     qweight, B, A, cb = make_layer(N, K, r, seed=N + K)
     gen = torch.Generator(device="cuda").manual_seed(1)
     bias = torch.randn(N, device="cuda", generator=gen).to(torch.bfloat16)
