@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Device calls of issue 6 (PEFT / QAT on the re-encoded SmolLM2 pack, bench/peft_notes.md), one per
+# argument, each sized for one 600 s call. Carry .data/peft_pack.safetensors and .data/peft_whl.
+#
+#   bash bench/peft_h100.sh profile   # where a training step goes (4-bit LoRDS-PEFT vs QLoRA-eq, 30 steps)
+#                                     # + the 3-bit PEFT comparison, seed 0, lr 1e-3 and 3e-3
+#   bash bench/peft_h100.sh seed1     # 3-bit PEFT, seed 1 (lr 3e-3), then the 3-bit QAT rows (seed 0)
+# JSON and logs go to $OUT; the result tables are printed last.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT="${OUT:-/tmp/peft_h100_out}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .data/peft_whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+python3 -c 'import torch, triton, peft, bitsandbytes; print("torch", torch.__version__, "triton", triton.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
+PC="python3 bench/peft_compare.py --pack .data/peft_pack.safetensors"
+case "${1:-profile}" in
+  profile)
+    $PC --bits 4 --methods lords-peft qlora-eq --steps 30 --profile-steps 5 --out "$OUT/profile4.json" 2>&1 | tee "$OUT/profile4.log"
+    $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 1e-3 --steps 100 --seed 0 --budget-s 330 \
+      --out "$OUT/peft3_seed0.json" 2>&1 | tee "$OUT/peft3_seed0.log"
+    ;;
+  seed1)
+    $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 1 --out "$OUT/peft3_seed1.json" 2>&1 | tee "$OUT/peft3_seed1.log"
+    $PC --bits 3 --methods lords-qat block-qat --steps 100 --seed 0 --budget-s 300 --out "$OUT/qat3_seed0.json" 2>&1 | tee "$OUT/qat3_seed0.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1)"; exit 2 ;;
+esac
