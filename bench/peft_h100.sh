@@ -22,6 +22,7 @@ case "${1:-profile}" in
       --out "$OUT/peft3_seed0.json" 2>&1 | tee "$OUT/peft3_seed0.log"
     ;;
   seed1)
+    python3 bench/host_overhead.py --profile 2>&1 | tee "$OUT/host_overhead.log"
     $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 1 --out "$OUT/peft3_seed1.json" 2>&1 | tee "$OUT/peft3_seed1.log"
     $PC --bits 3 --methods lords-qat block-qat --steps 100 --seed 0 --budget-s 300 --out "$OUT/qat3_seed0.json" 2>&1 | tee "$OUT/qat3_seed0.log"
     ;;
