@@ -5,6 +5,7 @@
 #   bash bench/peft_h100.sh profile   # where a training step goes (4-bit LoRDS-PEFT vs QLoRA-eq, 30 steps)
 #                                     # + the 3-bit PEFT comparison, seed 0, lr 1e-3 and 3e-3
 #   bash bench/peft_h100.sh seed1     # 3-bit PEFT, seed 1 (lr 3e-3), then the 3-bit QAT rows (seed 0)
+#   bash bench/peft_h100.sh host      # GPU tests of the Triton paths, host time per op, 4-bit step (seed 0)
 # JSON and logs go to $OUT; the result tables are printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -26,5 +27,12 @@ case "${1:-profile}" in
     $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 1 --out "$OUT/peft3_seed1.json" 2>&1 | tee "$OUT/peft3_seed1.log"
     $PC --bits 3 --methods lords-qat block-qat --steps 100 --seed 0 --budget-s 300 --out "$OUT/qat3_seed0.json" 2>&1 | tee "$OUT/qat3_seed0.log"
     ;;
-  *) echo "unknown step $1 (profile | seed1)"; exit 2 ;;
+  host)
+    # after a host-overhead change: GPU tests of the Triton paths, the per-op host table, the 4-bit step
+    timeout 200 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_grad_scales.py \
+      python_tests/test_gpu_triton.py 2>&1 | tail -n 15
+    python3 bench/host_overhead.py --profile 2>&1 | tee "$OUT/host_overhead.log"
+    $PC --bits 4 --methods lords-peft qlora-eq --steps 100 --seed 0 --out "$OUT/peft4_seed0.json" 2>&1 | tee "$OUT/peft4_seed0.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host)"; exit 2 ;;
 esac

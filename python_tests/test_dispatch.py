@@ -33,3 +33,33 @@ def test_forced_backend_must_be_able_to_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="LORDS_BACKEND=triton"):
         dispatch.choose("dequant_matmul", torch.empty(1, 8), 1, 8)
+
+
+def test_choose_is_cached_per_signature_and_env(monkeypatch):
+    calls = []
+    real = dispatch._choose
+
+    def counting(op, t, M, rank):
+        calls.append((op, M, rank))
+        return real(op, t, M, rank)
+
+    monkeypatch.setattr(dispatch, "_choose", counting)
+    monkeypatch.delenv("LORDS_BACKEND", raising=False)
+    dispatch.clear_cache()
+    x = torch.empty(3, 8)
+    for _ in range(3):
+        assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference"
+    assert calls == [("dequant_matmul", 3, 8)]
+    dispatch.choose("dequant_matmul", x, 5, 8)          # another M
+    dispatch.choose("grad_x", x, 3, 8)                  # another op
+    dispatch.choose("dequant_matmul", x.double(), 3, 8)  # another dtype
+    assert len(calls) == 4
+    monkeypatch.setenv("LORDS_BACKEND", "reference")    # the override is part of the key
+    assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference" and len(calls) == 5
+    monkeypatch.setenv("LORDS_BACKEND", "triton")        # errors are raised again, never cached
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="LORDS_BACKEND=triton"):
+            dispatch.choose("dequant_matmul", x, 3, 8)
+    assert len(calls) == 7
+    dispatch.clear_cache()

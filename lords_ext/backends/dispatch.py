@@ -58,9 +58,33 @@ def candidates(device: torch.device, M: int, rank: int | None = None) -> tuple[s
     return ("reference",)
 
 
+_chosen: dict = {}
+
+
 def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None) -> str:
     """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows and
-    scale rank `rank`."""
+    scale rank `rank`.
+
+    Answers are cached per (op, device, dtype, M, rank, LORDS_BACKEND, TRITON_INTERPRET): the
+    decision reads the GPU's properties several times, which cost ~60 us of host time per op call
+    on the H100 machine (bench/host_overhead.py), as much as a small layer's kernels. Errors are
+    not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
+    env = os.environ
+    key = (op, t.device, t.dtype, M, rank, env.get(ENV), env.get("TRITON_INTERPRET"))
+    name = _chosen.get(key)
+    if name is None:
+        name = _choose(op, t, M, rank)
+        if len(_chosen) > 4096:  # many distinct token counts (generation with growing batches)
+            _chosen.clear()
+        _chosen[key] = name
+    return name
+
+
+def clear_cache() -> None:
+    _chosen.clear()
+
+
+def _choose(op: str, t: torch.Tensor, M: int, rank: int | None) -> str:
     name = forced()
     if name is not None:
         mod = get(name)

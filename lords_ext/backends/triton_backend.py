@@ -135,7 +135,8 @@ _workspaces: dict = {}
 def _workspace(device, M: int, N: int, tiles: int):
     """Zeroed fp32 partial sums [M*N] and int32 tile counters; the split-K kernels leave both
     zero when they finish, so the buffer is allocated once per device and stream and reused."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle: torch.cuda.current_stream(device) costs ~10 us of host time per call
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (str(device), stream)
     need = M * N + tiles
     buf = _workspaces.get(key)
@@ -166,7 +167,7 @@ def _launch(tuned, raw, grid, args, kw, kind, config, M, N, K, block_m=16, xsz=2
     if config is None and not _tuning.tuning_enabled():
         config = _tuning.default_config(kind, M, N, K, block_m, kw["BITS"], kw["R_PAD"], xsz, bsz)
     if config is None:
-        tuned[grid](*args, **kw)
+        _tuning.run_tuned(tuned, grid, args, kw)
         return
     config = dict(config)
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
@@ -303,7 +304,7 @@ def _grad_scales_fp32(gy, x, qweight, B, A, codebook, config, det):
         def grid(meta):
             return (triton.cdiv(K, meta["BLOCK_K"]), meta["SPLIT_N"])
 
-        _gs.grad_scales_tuned[grid](*args, gb, ga, *tail, **kw)
+        _tuning.run_tuned(_gs.grad_scales_tuned, grid, (*args, gb, ga, *tail), kw)
         return gb.view(N, R), ga.view(R, K)
     config = dict(config or _gs.default_config(M, N, K, g["R_PAD"], x.element_size()))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
