@@ -6,6 +6,7 @@
 #                                     # + the 3-bit PEFT comparison, seed 0, lr 1e-3 and 3e-3
 #   bash bench/peft_h100.sh seed1     # 3-bit PEFT, seed 1 (lr 3e-3), then the 3-bit QAT rows (seed 0)
 #   bash bench/peft_h100.sh host      # GPU tests of the Triton paths, host time per op, 4-bit step (seed 0)
+#   bash bench/peft_h100.sh host2     # the 4-bit step comparison with seed 1 (+ QLoRA rank 16), more GPU tests
 # JSON and logs go to $OUT; the result tables are printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -34,5 +35,10 @@ case "${1:-profile}" in
     python3 bench/host_overhead.py --profile 2>&1 | tee "$OUT/host_overhead.log"
     $PC --bits 4 --methods lords-peft qlora-eq --steps 100 --seed 0 --out "$OUT/peft4_seed0.json" 2>&1 | tee "$OUT/peft4_seed0.log"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host)"; exit 2 ;;
+  host2)
+    # second seed of the 4-bit step comparison, with QLoRA's usual rank 16; then more GPU tests
+    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --out "$OUT/peft4_seed1.json" 2>&1 | tee "$OUT/peft4_seed1.log"
+    timeout 100 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_triton.py -k "odd_shapes or graph or grad_x" 2>&1 | tail -n 5
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2)"; exit 2 ;;
 esac
