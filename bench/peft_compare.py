@@ -374,6 +374,67 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def train_step(model, params, opt, b):
+    """Forward + backward + clip + optimizer step on one batch; returns the loss tensor."""
+    loss = model(input_ids=b, labels=b).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def paired_timing(runner, args, batches, dev) -> dict:
+    """Step time of the PEFT methods measured side by side: every model is built, then single steps
+    alternate between them (the order flips every round) on the same batches. Each round gives a
+    ratio to the first method, so slow drifts of the host (which moved one method's median step by
+    ~40 % between two machine starts on the H100) cancel. Returns per method the median step ms and
+    the median over rounds of (its step / the first method's step)."""
+    bits, lr = args.bits[0], args.lr_peft[0]
+    methods = [m for m in args.methods if not m.endswith("qat")]
+    built = {}
+    for m in methods:
+        torch.manual_seed(args.seed)
+        try:
+            model, groups, _ = runner.build(m, bits, lr, None)
+        except SkipRun as e:
+            log(f"paired timing: {m} skipped ({e})")
+            continue
+        model.train()
+        params = [p for g in groups for p in g["params"]]
+        built[m] = (model, params, torch.optim.AdamW(groups, weight_decay=0.0))
+    names = list(built)
+    if len(names) < 2:
+        return {"skipped": f"fewer than two PEFT methods could be built ({names})"}
+    times = {m: [] for m in names}
+    warm = 3
+    for i in range(args.paired_steps + warm):
+        b = batches[i % len(batches)].to(dev)
+        for m in (names if i % 2 == 0 else names[::-1]):
+            model, params, opt = built[m]
+            sync(dev)
+            t0 = time.perf_counter()
+            train_step(model, params, opt, b)
+            sync(dev)
+            if i >= warm:
+                times[m].append(time.perf_counter() - t0)
+
+    def median(v):
+        return sorted(v)[len(v) // 2]
+
+    out = {"bits": bits, "lr": lr, "rounds": args.paired_steps, "methods": {}}
+    for m in names:
+        ratios = [t / t0 for t, t0 in zip(times[m], times[names[0]])]
+        out["methods"][m] = {"step_ms": 1e3 * median(times[m]), "ratio_to_first": median(ratios),
+                             "rounds_faster_than_first": sum(r < 1 for r in ratios)}
+    for m, r in out["methods"].items():
+        log(f"paired timing, {bits}-bit, {args.paired_steps} alternating rounds: {m:<10} median step "
+            f"{r['step_ms']:.1f} ms, median ratio to {names[0]} {r['ratio_to_first']:.3f} "
+            f"(faster than it in {r['rounds_faster_than_first']} of {args.paired_steps} rounds)")
+    del built
+    return out
+
+
 def train(model, groups, batches, args, dev):
     """AdamW (no weight decay), linear warmup over 10% of the steps then cosine to 10%, grad-norm clip 1.
     Returns (per-step seconds, losses, peak bytes, profile summary or None)."""
@@ -401,12 +462,8 @@ def train(model, groups, batches, args, dev):
         b = b.to(dev)
         sync(dev)
         t0 = time.perf_counter()
-        loss = model(input_ids=b, labels=b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = train_step(model, params, opt, b)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         sync(dev)
         times.append(time.perf_counter() - t0)
         if prof is not None and i == first + n_prof - 1:
@@ -546,6 +603,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that would start after this many seconds")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--paired-steps", type=int, default=0,
+                    help="after the runs, build the PEFT methods side by side and time this many alternating "
+                         "single steps of each (step-time comparison that cancels host drift)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many training steps (after 5 warm-up steps) of every run with torch.profiler "
                          "and report wall vs GPU-kernel time per step and the top ops (those steps stay in step_ms)")
@@ -667,6 +727,10 @@ def main(argv=None):
         else:
             log(f"{bits}-bit {method} lr {lr:g}: {row.get('skipped') or row.get('error')}")
 
+    if args.paired_steps:
+        report["paired_timing"] = paired_timing(runner, args, batches, dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     report["total_s"] = time.time() - t_start
     if args.out:
         with open(args.out, "w") as f:

@@ -38,7 +38,7 @@ def test_peft_compare_pipeline_3bit(tmp_path):
                             "--steps", "3", "--batch", "2", "--seq-len", "32", "--ptq-steps", "1",
                             "--eval-tokens", "256", "--cal-tokens", "4000", "--lr-peft", "1e-3",
                             "--frozen-dtype", "fp32", "--smoke-blocks", "1", "--profile-steps", "1",
-                            "--device", "cpu", "--out", str(out)])
+                            "--device", "cpu", "--paired-steps", "2", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     runs = {r["method"]: r for r in report["runs"]}
@@ -51,3 +51,8 @@ def test_peft_compare_pipeline_3bit(tmp_path):
     assert runs["nflora-eq"]["trainable"] == runs["lords-peft"]["trainable"] > 0
     # QAT trains the latent weights too
     assert runs["lords-qat"]["trainable"] > 10 * runs["lords-peft"]["trainable"]
+    # side-by-side step timing of the PEFT methods (QAT excluded), ratios to the first method
+    paired = report["paired_timing"]["methods"]
+    assert set(paired) == {"lords-peft", "nflora-eq"}
+    assert paired["lords-peft"]["ratio_to_first"] == 1.0
+    assert all(r["step_ms"] > 0 and math.isfinite(r["ratio_to_first"]) for r in paired.values())
