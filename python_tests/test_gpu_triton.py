@@ -108,12 +108,12 @@ def test_grad_x_and_dequant(bits, dtype, sdtype, r, N, K):
     assert W.dtype == sdtype
     assert rel_err(W, Wref) < (1e-5 if sdtype == torch.float32 else TOL[sdtype])
     gen = torch.Generator(device="cuda").manual_seed(3)
-    for M in (1, 16, 300):
+    for M, algo in ((1, None), (16, None), (300, None), (300, "fused"), (16, "dequant_mm")):
         gy = torch.randn(M, N, device="cuda", generator=gen).to(dtype)
-        gx = tb.grad_x(gy, qweight, B, A, cb)
+        gx = tb.grad_x(gy, qweight, B, A, cb, algo=algo)
         ref = gy.float() @ Wref.float()
         err = rel_err(gx, ref)
-        assert err < TOL[dtype], f"grad_x bits={bits} {dtype} M={M}: rel err {err:.3g}"
+        assert err < TOL[dtype], f"grad_x bits={bits} {dtype} M={M} {algo}: rel err {err:.3g}"
 
 
 @cuda

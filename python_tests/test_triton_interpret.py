@@ -139,13 +139,14 @@ def test_dequant(bits, cb, sdtype, r):
     assert err < tol, f"dequant bits={bits} {cb} {sdtype}: rel err {err:.3g}"
 
 
-@pytest.mark.parametrize("bits,dtype,r,M", [(4, torch.bfloat16, 20, 3), (3, torch.float32, 1, 17),
-                                            (2, torch.float16, 3, 1)])
-def test_grad_x(bits, dtype, r, M):
+@pytest.mark.parametrize("bits,dtype,r,M,algo", [(4, torch.bfloat16, 20, 3, None), (3, torch.float32, 1, 17, None),
+                                                 (2, torch.float16, 3, 1, None), (4, torch.float16, 5, 3, "dequant_mm"),
+                                                 (3, torch.bfloat16, 2, 130, None), (2, torch.float32, 4, 129, "fused")])
+def test_grad_x(bits, dtype, r, M, algo):
     N, K = SHAPES[bits]
     qweight, B, A, codebook = make_layer(N, K, r, bits, "nf", seed=M)
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(bits)).to(dtype)
-    gx = tb.grad_x(gy, qweight, B, A, codebook)
+    gx = tb.grad_x(gy, qweight, B, A, codebook, algo=algo)
     assert gx.dtype == dtype and gx.shape == (M, K)
     ref = reference.grad_x(gy.double(), qweight, B.double(), A.double(), codebook.double())
     err = rel_err(gx, ref)
@@ -169,6 +170,17 @@ def test_bad_overrides_name_the_variable(monkeypatch):
     monkeypatch.setenv("LORDS_TRITON_ALGO", "fast")
     with pytest.raises(ValueError, match="LORDS_TRITON_ALGO"):
         tb.choose_algo(1, 8)
+    monkeypatch.setenv("LORDS_TRITON_GRADX", "fast")
+    with pytest.raises(ValueError, match="LORDS_TRITON_GRADX"):
+        tb.choose_grad_x_algo(1)
+
+
+def test_grad_x_path_by_token_count(monkeypatch):
+    monkeypatch.delenv("LORDS_TRITON_GRADX", raising=False)
+    assert tb.choose_grad_x_algo(1) == tb.choose_grad_x_algo(tb.GRAD_X_FUSED_MAX_M) == "fused"
+    assert tb.choose_grad_x_algo(tb.GRAD_X_FUSED_MAX_M + 1) == "dequant_mm"
+    monkeypatch.setenv("LORDS_TRITON_GRADX", "fused")
+    assert tb.choose_grad_x_algo(4096) == "fused"
 
 
 def test_float64_scales_take_the_exact_path():

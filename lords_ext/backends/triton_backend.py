@@ -6,13 +6,17 @@ module only chooses an algorithm per token count M and launches it:
     M <= DECODE_MAX_M (128)   decode_splitk: fused, split-K over the grid, one launch
     larger M                  dequant to x.dtype (one fused pass), then torch's matmul (cuBLAS)
 
+and the same split for grad_x (GRAD_X_FUSED_MAX_M): the fused split-N kernel up to 128 rows of
+grad_y, one dequant pass + cuBLAS above (W lives only for the call, as in the forward).
+
 decode_reassoc (M <= 2) and tiled_gemm (any M) are complete and tested but never chosen by
 default: on the H100 they lost to the two above at every M measured (bench/triton_notes.md:
 reassoc 23.8 vs 22.7 us at M=1, 98 vs 22 us at M=2; tiled 63-121 us vs 26 us at M=64 and
 2.4x slower than dequant+cuBLAS at M >= 1024). LORDS_TRITON_ALGO (reassoc | splitk | tiled |
 dequant_mm) forces one algorithm, LORDS_TRITON_LUT (gather | global | select) one codebook
 look-up (gather measured 2x faster than the others), and LORDS_TRITON_TUNE=0 fixed configs
-instead of autotuning (for benchmarking and tests).
+instead of autotuning (for benchmarking and tests); LORDS_TRITON_GRADX (fused | dequant_mm) forces a
+grad_x path.
 """
 from __future__ import annotations
 
@@ -38,6 +42,12 @@ if triton is not None:
 
 REASSOC_MAX_M = 0
 DECODE_MAX_M = 128
+# grad_x at training token counts: on the H100 (SmolLM2 layers, M = 2048, bf16; torch.profiler of the
+# PEFT step, bench/peft_notes.md) the fused kernel took 39.9 us per call against 3.8 us (dequant kernel)
+# + 10.0 us (cuBLAS) for the forward's dequant_mm path on the same layers; the threshold mirrors the
+# forward's (measured at M = 64 and 256 there, not yet for grad_x itself).
+GRAD_X_FUSED_MAX_M = 128
+GRAD_X_ALGOS = ("fused", "dequant_mm")
 TILED_MAX_M = 0
 SPLITK_MAX_BLOCK_M = 256
 ALGOS = ("reassoc", "splitk", "tiled", "dequant_mm")
@@ -261,18 +271,36 @@ def dequant_matmul(x2d, qweight, B, A, codebook, bias=None, algo=None, config=No
     return y
 
 
-def grad_x(grad_y2d, qweight, B, A, codebook, config=None):
-    """grad_y2d @ W as [M, K] in grad_y2d.dtype, W never materialized."""
+def choose_grad_x_algo(M: int) -> str:
+    """"fused" (the split-N kernel, W never materialized) up to GRAD_X_FUSED_MAX_M rows of grad_y,
+    "dequant_mm" (one dequant pass into a transient W, then cuBLAS) above; LORDS_TRITON_GRADX forces one."""
+    name = os.environ.get("LORDS_TRITON_GRADX", "")
+    if name in ("", "auto"):
+        return "fused" if M <= GRAD_X_FUSED_MAX_M else "dequant_mm"
+    if name not in GRAD_X_ALGOS:
+        raise ValueError(f"LORDS_TRITON_GRADX: expected one of {GRAD_X_ALGOS} or 'auto', got {name!r}")
+    return name
+
+
+def grad_x(grad_y2d, qweight, B, A, codebook, config=None, algo=None):
+    """grad_y2d @ W as [M, K] in grad_y2d.dtype. `algo` ("fused" | "dequant_mm") forces a path."""
     if _needs_reference(B, A, codebook):
         from . import reference
         return reference.grad_x(grad_y2d, qweight, B, A, codebook)
     B, A = _scales(B, A)
     g = _geometry(qweight, B, A, codebook)
     M, N, K = grad_y2d.shape[0], g["N"], g["K"]
+    algo = algo or choose_grad_x_algo(M)
+    if algo not in GRAD_X_ALGOS:
+        raise ValueError(f"algo: expected one of {GRAD_X_ALGOS}, got {algo!r}")
+    s_prec, x_prec = _precisions(grad_y2d.dtype, B.dtype)
+    if algo == "dequant_mm" and M > 0:
+        # the same GEMM class as the forward's dequant_mm path, with the same transient W
+        W = dequant(qweight, B, A, codebook, out_dtype=grad_y2d.dtype, s_prec=s_prec)
+        return grad_y2d @ W
     gx = torch.empty((M, K), dtype=grad_y2d.dtype, device=grad_y2d.device)
     if M == 0:
         return gx
-    s_prec, x_prec = _precisions(grad_y2d.dtype, B.dtype)
     ws, cnt = _workspace(grad_y2d.device, M, K, triton.cdiv(K, 16) * triton.cdiv(M, 16))
 
     def grid(meta):
