@@ -7,6 +7,7 @@
 #   bash bench/peft_h100.sh seed1     # 3-bit PEFT, seed 1 (lr 3e-3), then the 3-bit QAT rows (seed 0)
 #   bash bench/peft_h100.sh host      # GPU tests of the Triton paths, host time per op, 4-bit step (seed 0)
 #   bash bench/peft_h100.sh host2     # the 4-bit step comparison with seed 1 (+ QLoRA rank 16), more GPU tests
+#   bash bench/peft_h100.sh paired    # 4-bit step times side by side (--paired-steps 40) + step profiles
 # JSON and logs go to $OUT; the result tables are printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -40,5 +41,10 @@ case "${1:-profile}" in
     $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --out "$OUT/peft4_seed1.json" 2>&1 | tee "$OUT/peft4_seed1.log"
     timeout 100 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_triton.py -k "odd_shapes or graph or grad_x" 2>&1 | tail -n 5
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2)"; exit 2 ;;
+  paired)
+    # step time side by side (alternating single steps, cancels host drift) + a step profile, 4 bits
+    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 30 --profile-steps 5 \
+      --paired-steps 40 --out "$OUT/peft4_paired.json" 2>&1 | tee "$OUT/peft4_paired.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired)"; exit 2 ;;
 esac
