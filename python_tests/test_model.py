@@ -255,6 +255,20 @@ def test_quantize_model_with_calibration_tokens():
     assert rep.activation_aware and rep.calibration_seconds > 0 and len(rep.layers) == 7
 
 
+def test_quantized_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of a whole quantized Llama: every LordsLinear is one traced op
+    (no graph break), logits equal to eager. This is how a user takes the per-op host cost out of
+    decoding (e.g. with mode="reduce-overhead" on a GPU)."""
+    model = tiny_llama(seed=5).eval()
+    quantize_model(model, LordsConfig(bits=3, block=16, steps=1), device="cpu", progress=False)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert ref.abs().max() > 0
+
+
 def test_quantize_model_bad_arguments():
     with pytest.raises(ValueError, match="cfg"):
         quantize_model(tiny_llama(), {"bits": 4}, progress=False)
