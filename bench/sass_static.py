@@ -1,0 +1,116 @@
+"""Static SASS facts of the CUDA kernels, without a GPU: instruction counts per kernel region.
+
+The decode kernels are issue-bound (bench/cuda_notes.md: ncu showed ~0.3 warp instructions per weight
+at ~0.37 issued per scheduler per cycle), so the number of instructions a warp executes is the first
+thing a change should move. This compiles one .cu file with the flags of setup.py for one
+architecture (nvcc -cubin), disassembles it with nvdisasm and, for every kernel whose mangled name
+contains each given substring, prints the instructions before the first tensor-core instruction
+(prologue), of the loop around the tensor-core instructions (main loop) and after the last one
+(epilogue), with the main loop's most frequent opcodes. Static counts: a loop body counts once, both
+sides of a branch count; compare versions of the same kernel, never kernels of different shape.
+
+nvdisasm is not part of the nvcc-only toolkit on the development machine; `pip install
+nvidia-cuda-nvdisasm` provides it (found automatically), or pass --nvdisasm.
+
+    python bench/sass_static.py --cu csrc/reassoc_gemv.cu --kernel reassoc_kernelI13__nv_bfloat16Li4ELi4ELb1E
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TENSOR_OPS = ("HMMA", "HGMMA", "IMMA")
+
+
+def find_nvdisasm(given: str | None) -> str:
+    if given:
+        return given
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            for cand in sorted(Path(base).glob("cu*/bin/nvdisasm")):
+                return str(cand)
+    except ImportError:
+        pass
+    raise SystemExit("nvdisasm not found: pip install nvidia-cuda-nvdisasm, or pass --nvdisasm PATH")
+
+
+def compile_cubin(cu: Path, arch: str, out: Path) -> None:
+    cmd = ["nvcc", "-O3", "-std=c++20", "-lineinfo", f"-I{ROOT / 'csrc'}",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-o", str(out), str(cu)]
+    subprocess.run(cmd, check=True)
+
+
+def kernels(sass: str) -> dict[str, list[str]]:
+    """{mangled name: opcode list} from nvdisasm's text."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in sass.splitlines():
+        if line.startswith(".text."):
+            name = line[len(".text."):].rstrip(":")
+            out[name] = []
+        elif name is not None:
+            m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+            if m:
+                out[name].append(m.group(1).split(".")[0])
+    return out
+
+
+def regions(ops: list[str]) -> dict:
+    mma = [i for i, op in enumerate(ops) if op in TENSOR_OPS]
+    if not mma:
+        return {"total": len(ops)}
+    lo, hi = mma[0], mma[-1]
+    while lo > 0 and ops[lo - 1] not in ("BRA", "BAR"):
+        lo -= 1
+    while hi < len(ops) - 1 and ops[hi] != "BRA":
+        hi += 1
+    loop = ops[lo:hi + 1]
+    return {"total": len(ops), "prologue": mma[0], "main_loop": len(loop),
+            "epilogue": len(ops) - mma[-1] - 1, "tensor_ops": len(mma),
+            "main_loop_ops": dict(Counter(loop).most_common(8))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cu", default="csrc/reassoc_gemv.cu")
+    ap.add_argument("--arch", default="90")
+    ap.add_argument("--kernel", nargs="+", required=True, help="substrings of mangled kernel names")
+    ap.add_argument("--nvdisasm")
+    args = ap.parse_args(argv)
+    nvdisasm = find_nvdisasm(args.nvdisasm)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        compile_cubin(ROOT / args.cu, args.arch, cubin)
+        sass = subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    found = kernels(sass)
+    print(f"{args.cu}, sm_{args.arch}: static instructions per region")
+    print("| kernel | total | prologue | main loop | epilogue | tensor-core ops | main loop opcodes |")
+    print("|---|---|---|---|---|---|---|")
+    rc = 0
+    for want in args.kernel:
+        hits = [n for n in found if want in n]
+        if not hits:
+            print(f"| {want} | not found | | | | | |")
+            rc = 1
+        for n in hits:
+            r = regions(found[n])
+            m = re.search(r"\d([a-z_]+_kernel)(I.*?E)EvP", n)
+            short = (m.group(1) + "<" + m.group(2)[1:-1] + ">") if m else n[:70]
+            print(f"| {short} | {r['total']} | {r.get('prologue', '-')} | {r.get('main_loop', '-')} | "
+                  f"{r.get('epilogue', '-')} | {r.get('tensor_ops', 0)} | {r.get('main_loop_ops', '')} |")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
