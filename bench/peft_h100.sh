@@ -45,6 +45,8 @@ case "${1:-profile}" in
     # step time side by side (alternating single steps, cancels host drift) + a step profile, 4 bits
     $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 30 --profile-steps 5 \
       --paired-steps 40 --out "$OUT/peft4_paired.json" 2>&1 | tee "$OUT/peft4_paired.log"
+    # host time per call at one token (decoding) as well as at training size
+    python3 bench/host_overhead.py --M 1 2>&1 | tee "$OUT/host_overhead_m1.log"
     ;;
   *) echo "unknown step $1 (profile | seed1 | host | host2 | paired)"; exit 2 ;;
 esac
