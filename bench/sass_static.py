@@ -5,7 +5,7 @@ at ~0.37 issued per scheduler per cycle), so the number of instructions a warp e
 thing a change should move. This compiles one .cu file with the flags of setup.py for one
 architecture (nvcc -cubin), disassembles it with nvdisasm and, for every kernel whose mangled name
 contains each given substring, prints the instructions before the first tensor-core instruction
-(prologue), of the loop around the tensor-core instructions (main loop) and after the last one
+(prologue), from the first to the last of them (main loop) and after the last one
 (epilogue), with the main loop's most frequent opcodes. Static counts: a loop body counts once, both
 sides of a branch count; compare versions of the same kernel, never kernels of different shape.
 
@@ -70,12 +70,9 @@ def regions(ops: list[str]) -> dict:
     mma = [i for i, op in enumerate(ops) if op in TENSOR_OPS]
     if not mma:
         return {"total": len(ops)}
-    lo, hi = mma[0], mma[-1]
-    while lo > 0 and ops[lo - 1] not in ("BRA", "BAR"):
-        lo -= 1
-    while hi < len(ops) - 1 and ops[hi] != "BRA":
-        hi += 1
-    loop = ops[lo:hi + 1]
+    # the span from the first to the last tensor-core op: the unrolled body of the main loop in these
+    # kernels (an enclosing loop's bookkeeping and any code loads issued for the next trip sit outside)
+    loop = ops[mma[0]:mma[-1] + 1]
     return {"total": len(ops), "prologue": mma[0], "main_loop": len(loop),
             "epilogue": len(ops) - mma[-1] - 1, "tensor_ops": len(mma),
             "main_loop_ops": dict(Counter(loop).most_common(8))}
