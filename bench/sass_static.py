@@ -13,6 +13,7 @@ nvdisasm is not part of the nvcc-only toolkit on the development machine; `pip i
 nvidia-cuda-nvdisasm` provides it (found automatically), or pass --nvdisasm.
 
     python bench/sass_static.py --cu csrc/reassoc_gemv.cu --kernel reassoc_kernelI13__nv_bfloat16Li4ELi4ELb1E
+    python bench/sass_static.py --triton dequant      # the Triton dequant kernel, compiled ahead of time
 """
 from __future__ import annotations
 
@@ -78,14 +79,57 @@ def regions(ops: list[str]) -> dict:
             "main_loop_ops": dict(Counter(loop).most_common(8))}
 
 
+# Triton kernels compiled ahead of time for sm_90 (no GPU needed), with the specializations the JIT gives
+# 16-byte-aligned tensors and multiple-of-16 sizes (tt.divisibility), 4-bit NF codes, bf16, r_pad 32.
+_PTR_TYPES = {"x_ptr": "*bf16", "q_ptr": "*u8", "b_ptr": "*bf16", "a_ptr": "*bf16", "cb_ptr": "*fp32",
+              "bias_ptr": "*fp32", "y_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+_TRITON_PRESETS = {
+    "dequant": ("lords_ext.backends.triton_kernels.dequant", "dequant_kernel",
+                {"BLOCK_N": 64, "BLOCK_K": 128}, 4, 1),
+    "splitk": ("lords_ext.backends.triton_kernels.decode_splitk", "decode_splitk_kernel",
+               {"HAS_BIAS": False, "X_PREC": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, 4, 3),
+}
+
+
+def triton_sass(preset: str, nvdisasm: str) -> str:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    module, name, extra, warps, stages = _TRITON_PRESETS[preset]
+    sys.path.insert(0, str(ROOT))
+    fn = getattr(importlib.import_module(module), name)
+    consts = {"BITS": 4, "LEVELS": 16, "R_PAD": 32, "LUT": 0, "S_PREC": "tf32", **extra}
+    sig = {a: _PTR_TYPES.get(a) or ("constexpr" if a in consts else "i32") for a in fn.arg_names}
+    div16 = [a for a in fn.arg_names if a.endswith("_ptr") or a in ("N", "K", "R", "stride_q")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        return subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cu", default="csrc/reassoc_gemv.cu")
     ap.add_argument("--arch", default="90")
-    ap.add_argument("--kernel", nargs="+", required=True, help="substrings of mangled kernel names")
+    ap.add_argument("--kernel", nargs="+", help="substrings of mangled kernel names")
+    ap.add_argument("--triton", choices=sorted(_TRITON_PRESETS),
+                    help="a Triton kernel instead (sm_90, 4-bit, bf16, r_pad 32, tiles as in the preset)")
     ap.add_argument("--nvdisasm")
     args = ap.parse_args(argv)
     nvdisasm = find_nvdisasm(args.nvdisasm)
+    if args.triton:
+        ops = next(iter(kernels(triton_sass(args.triton, nvdisasm)).values()))
+        r = regions(ops)
+        print(f"Triton {args.triton}, sm_90: {r['total']} static instructions per thread; "
+              f"top opcodes {dict(Counter(ops).most_common(14))}")
+        return 0
+    if not args.kernel:
+        ap.error("--kernel is required unless --triton is given")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         compile_cubin(ROOT / args.cu, args.arch, cubin)
