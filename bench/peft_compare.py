@@ -374,6 +374,11 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def upper_median(v):
+    """The middle value (the upper one of an even count): the step-time statistic of every table."""
+    return sorted(v)[len(v) // 2]
+
+
 def train_step(model, params, opt, b):
     """Forward + backward + clip + optimizer step on one batch; returns the loss tensor."""
     loss = model(input_ids=b, labels=b).loss
@@ -419,13 +424,10 @@ def paired_timing(runner, args, batches, dev) -> dict:
             if i >= warm:
                 times[m].append(time.perf_counter() - t0)
 
-    def median(v):
-        return sorted(v)[len(v) // 2]
-
     out = {"bits": bits, "lr": lr, "rounds": args.paired_steps, "methods": {}}
     for m in names:
         ratios = [t / t0 for t, t0 in zip(times[m], times[names[0]])]
-        out["methods"][m] = {"step_ms": 1e3 * median(times[m]), "ratio_to_first": median(ratios),
+        out["methods"][m] = {"step_ms": 1e3 * upper_median(times[m]), "ratio_to_first": upper_median(ratios),
                              "rounds_faster_than_first": sum(r < 1 for r in ratios)}
     for m, r in out["methods"].items():
         log(f"paired timing, {bits}-bit, {args.paired_steps} alternating rounds: {m:<10} median step "
@@ -705,7 +707,7 @@ def main(argv=None):
             with torch.no_grad():
                 row["eval_after"] = eval_loss(model, ev, args.seq_len, args.eval_batch)
             skip = min(5, len(times) - 1)
-            row["step_ms"] = 1e3 * sorted(times[skip:])[len(times[skip:]) // 2]
+            row["step_ms"] = 1e3 * upper_median(times[skip:])
             row["peak_gib"] = peak / 2**30
             row["train_loss_first_last"] = [losses[0], sum(losses[-10:]) / len(losses[-10:])]
             del model, groups

@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the Triton presets import lords_ext from this checkout
 TENSOR_OPS = ("HMMA", "HGMMA", "IMMA")
 
 
@@ -50,6 +51,14 @@ def compile_cubin(cu: Path, arch: str, out: Path) -> None:
     cmd = ["nvcc", "-O3", "-std=c++20", "-lineinfo", f"-I{ROOT / 'csrc'}",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-o", str(out), str(cu)]
     subprocess.run(cmd, check=True)
+
+
+def disassemble(nvdisasm: str, write_cubin) -> str:
+    """nvdisasm's text of the cubin that `write_cubin(path)` writes (into a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        write_cubin(cubin)
+        return subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
 
 
 def kernels(sass: str) -> dict[str, list[str]]:
@@ -98,7 +107,6 @@ def triton_sass(preset: str, nvdisasm: str) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     module, name, extra, warps, stages = _TRITON_PRESETS[preset]
-    sys.path.insert(0, str(ROOT))
     fn = getattr(importlib.import_module(module), name)
     consts = {"BITS": 4, "LEVELS": 16, "R_PAD": 32, "LUT": 0, "S_PREC": "tf32", **extra}
     sig = {a: _PTR_TYPES.get(a) or ("constexpr" if a in consts else "i32") for a in fn.arg_names}
@@ -106,10 +114,7 @@ def triton_sass(preset: str, nvdisasm: str) -> str:
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(k.asm["cubin"])
-        return subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    return disassemble(nvdisasm, lambda path: path.write_bytes(k.asm["cubin"]))
 
 
 def main(argv=None) -> int:
@@ -130,11 +135,7 @@ def main(argv=None) -> int:
         return 0
     if not args.kernel:
         ap.error("--kernel is required unless --triton is given")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        compile_cubin(ROOT / args.cu, args.arch, cubin)
-        sass = subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
-    found = kernels(sass)
+    found = kernels(disassemble(nvdisasm, lambda path: compile_cubin(ROOT / args.cu, args.arch, path)))
     print(f"{args.cu}, sm_{args.arch}: static instructions per region")
     print("| kernel | total | prologue | main loop | epilogue | tensor-core ops | main loop opcodes |")
     print("|---|---|---|---|---|---|---|")
