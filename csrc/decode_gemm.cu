@@ -41,14 +41,17 @@ size_t stage_bytes(int rt, int mt, long n_super, int dtype_bytes) {
 template <int RT>
 constexpr int blocks_per_sm() { return RT >= 4 ? 1 : 2; }
 
-template <typename T, int BITS, int MT, int RT>
+// PAIRS (4-bit only): look-ups through a 64 KB pair table in front of the staged operands
+// (weight_frag_pairs in lords_tile.cuh); chosen where the table fits beside the blocks' staging.
+template <typename T, int BITS, int MT, int RT, bool PAIRS>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
     decode_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                        const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                        const void* __restrict__ bias, int bias_kind, T* __restrict__ y, float* __restrict__ ws,
                        int* __restrict__ counters, int M, long N, long K, int r, int kc, bool fast) {
   extern __shared__ uint4 smem_dyn[];
-  uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn);
+  [[maybe_unused]] uint4* pair_table = smem_dyn;
+  uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn + (PAIRS ? kPairTableBytes / sizeof(uint4) : 0));
   __shared__ float lut[16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -115,6 +118,12 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
     }
   }
   __syncthreads();
+  if constexpr (PAIRS) {
+    build_pair_table(pair_table, lut);
+    __syncthreads();
+  }
+  [[maybe_unused]] const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
+  [[maybe_unused]] const uint32_t lane8 = 8u * lane;
 
   float acc[kNT][MT][4];
 #pragma unroll
@@ -144,7 +153,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         uint32_t wf[4];
-        weight_frag<T, BITS, RT>(wf, bf[nt], af, cur[nt][0], cur[nt][1], lut, s);
+        if constexpr (PAIRS)
+          weight_frag_pairs<T, RT>(wf, bf[nt], af, cur[nt][0], cur[nt][1], table, lane8, s);
+        else
+          weight_frag<T, BITS, RT>(wf, bf[nt], af, cur[nt][0], cur[nt][1], lut, s);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(acc[nt][mt], wf, xb[mt].x, xb[mt].y);
       }
@@ -185,17 +197,55 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
                      &counters[blockIdx.x]);
 }
 
+// Shared memory per SM and the per-block opt-in of the current device (cached per device).
+struct SmemLimits {
+  size_t per_sm, per_block;
+};
+SmemLimits smem_limits() {
+  static SmemLimits cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {100 * 1024, 99 * 1024};
+  if (cached[dev].per_sm == 0) {
+    int sm = 0, blk = 0;
+    if (cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) sm = 100 * 1024;
+    if (cudaDeviceGetAttribute(&blk, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) blk = 99 * 1024;
+    cached[dev] = {(size_t)sm, (size_t)blk};
+  }
+  return cached[dev];
+}
+
+template <typename T, int BITS, int MT, int RT, bool PAIRS>
+void launch(const DecodeArgs& a, cudaStream_t stream, size_t smem, bool fast);
+
 template <typename T, int BITS, int MT, int RT>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = decode_gemm_kernel<T, BITS, MT, RT>;
-  const size_t smem = stage_bytes(RT, MT, a.k_per_split / kSuper, (int)sizeof(T));
+  const size_t stage = stage_bytes(RT, MT, a.k_per_split / kSuper, (int)sizeof(T));
+  const void* ptrs[] = {a.x, a.qweight, a.A};
+  const bool fast = vector_path_ok(a.K, ptrs, 3);
+  if constexpr (BITS == 4) {
+    // The pair table only where it leaves the planned blocks per SM resident (1 KB per block of static
+    // shared memory and reserve kept aside).
+    // Building the 64 KB table costs each thread 16 16-byte stores: below two superchunks per block it
+    // costs about what its look-ups save (1024x4096, r = 12, M = 1: 128 k per block, 7.4 -> 7.8 us).
+    const SmemLimits lim = smem_limits();
+    const size_t with_table = stage + kPairTableBytes;
+    if (a.k_per_split >= 2 * kSuper && with_table + 1024 <= lim.per_block &&
+        (with_table + 2048) * blocks_per_sm<RT>() <= lim.per_sm) {
+      launch<T, BITS, MT, RT, true>(a, stream, with_table, fast);
+      return;
+    }
+  }
+  launch<T, BITS, MT, RT, false>(a, stream, stage, fast);
+}
+
+template <typename T, int BITS, int MT, int RT, bool PAIRS>
+void launch(const DecodeArgs& a, cudaStream_t stream, size_t smem, bool fast) {
+  auto kernel = decode_gemm_kernel<T, BITS, MT, RT, PAIRS>;
   // Static shared memory (lut, s_last) counts against the same 48 KB default limit: opt in above 47 KB.
   if (smem > 47 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm: ") + cudaGetErrorString(e));
   }
-  const void* ptrs[] = {a.x, a.qweight, a.A};
-  const bool fast = vector_path_ok(a.K, ptrs, 3);
   dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.splits);
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
@@ -253,6 +303,8 @@ DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes
   const long max_sc = std::max<long>(1, (64L * 1024) / (long)stage_bytes(rank_chunks(r), token_tiles(M), 1, dtype_bytes));
   sc_per = min_l(sc_per, max_sc);
   splits = (k_super + sc_per - 1) / sc_per;
+  // Even splits: the same count with the superchunks spread over them (no short last split).
+  sc_per = (k_super + splits - 1) / splits;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
 }
 

@@ -61,6 +61,11 @@ struct Mma<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  // Two paired products, rounded once (HMUL2.BF16 on sm_90).
+  static __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -77,6 +82,10 @@ struct Mma<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+    __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -215,22 +224,20 @@ __device__ __forceinline__ void stage_A(uint16_t* smem, const T* __restrict__ A,
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int ch = ch0 + u * blockDim.x;
-      if (ch >= total) break;
-      const int j = ch % rows;
-      const int o0 = (ch / rows) * 8;
-      const int c = j / 16, jj = j % 16;
-      const int reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
+      const unsigned ch = ch0 + u * blockDim.x;  // unsigned: the divisions below are shifts
+      if (ch >= (unsigned)total) break;
+      const unsigned j = ch % rows, o0 = (ch / rows) * 8;
+      const unsigned c = j / 16, jj = j % 16;
+      const unsigned reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
+      // Element e goes to k-position o = o0 + e. With o0 a multiple of 8 and e < 8, the superchunk,
+      // the 32-wide group and the first k-tile come from o0 alone and e adds a compile-time offset:
+      // (e/4) k-tiles, (e%2) * 4 lanes, ((e/2)%2) halves. Same index as the per-element formula
+      // (sc = o / 128, s = (o % 32) / 4, lane = 4 * (2 * ((o % 128) / 32) + o % 2) + tt, h = (o % 4) / 2),
+      // checked for every o0, e, rank row and RT; that formula cost ~60 instructions per element.
+      const unsigned sc = o0 / kSuper, q32 = (o0 % kSuper) / 32, sb = (o0 % 32) / 4;
+      uint16_t* base = smem + ((((size_t)(sc * 8 + sb) * RT + c) * 32 + 8 * q32 + tt) * 4 + reg) * 2 + half;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int o = o0 + e;
-        const int sc = o / kSuper, oo = o % kSuper;
-        const int s = (oo % 32) / 4, w = oo % 4;
-        const int gl = 2 * (oo / 32) + (w % 2), h = w / 2;
-        const int lane = 4 * gl + tt;
-        const long idx = ((((long)(sc * 8 + s) * RT + c) * 32 + lane) * 4 + h * 2 + reg) * 2 + half;
-        smem[idx] = v[u].e[e];
-      }
+      for (int e = 0; e < 8; ++e) base[(e / 4) * RT * 256 + (e % 2) * 32 + ((e / 2) % 2) * 4] = v[u].e[e];
     }
   }
 }
@@ -281,6 +288,47 @@ __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&
   wf[2] = Mma<T>::pack(lut[qa[2]] * s1[0], lut[qa[3]] * s1[1]);
   wf[3] = Mma<T>::pack(lut[qb[2]] * s1[2], lut[qb[3]] * s1[3]);
 }
+
+// 4-bit W fragment from a pair table: entry p (a byte of two codes, low nibble first) holds the fp32
+// levels (codebook[p & 15], codebook[p >> 4]), one 8-byte copy per lane, so lane l's copy of entry p
+// sits at byte (p << 8) | (l << 3) of the table: one PRMT (code byte into bits 8..15, lane8 = 8 * lane
+// in bits 0..7) and one LDS.64 per pair of weights, instead of a shift, a mask and an LDS per weight.
+// Same fp32 products and rounding as weight_frag.
+template <typename T, int RT>
+__device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4],
+                                                  const uint4 (&af)[RT], const Codes<4>& lo, const Codes<4>& hi,
+                                                  uint32_t table, uint32_t lane8, int s) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f};
+  float s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < RT; ++c) {
+    Mma<T>::mma(s0, bf[c], af[c].x, af[c].y);
+    Mma<T>::mma(s1, bf[c], af[c].z, af[c].w);
+  }
+  auto pair = [&](uint32_t w, uint32_t sel) -> float2 {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(table + __byte_perm(w, lane8, sel)));
+    return v;
+  };
+  // quad s is the 16 bits at bit 16*(s%2) of word s/2: codes (0, 1) are its low byte, (2, 3) its high byte
+  const uint32_t wa = lo.w[s / 2], wb = hi.w[s / 2];
+  const uint32_t sel0 = 0x5504u | ((2u * (s % 2)) << 4), sel1 = sel0 + 0x10u;
+  const float2 p0 = pair(wa, sel0), p1 = pair(wb, sel0), p2 = pair(wa, sel1), p3 = pair(wb, sel1);
+  wf[0] = Mma<T>::pack(p0.x * s0[0], p0.y * s0[1]);
+  wf[1] = Mma<T>::pack(p1.x * s0[2], p1.y * s0[3]);
+  wf[2] = Mma<T>::pack(p2.x * s1[0], p2.y * s1[1]);
+  wf[3] = Mma<T>::pack(p3.x * s1[2], p3.y * s1[3]);
+}
+
+// The pair table of weight_frag_pairs (64 KB) from the 16 levels in shared memory.
+__device__ __forceinline__ void build_pair_table(uint4* table, const float* lut) {
+  for (int w = threadIdx.x; w < 256 * 16; w += blockDim.x) {  // entry w / 16, lanes 2 * (w % 16) and +1
+    const int p = w / 16;
+    const uint32_t lo = __float_as_uint(lut[p & 15]), hi = __float_as_uint(lut[p >> 4]);
+    table[w] = make_uint4(lo, hi, lo, hi);
+  }
+}
+constexpr size_t kPairTableBytes = 256 * 32 * 8;
 
 // Split-K epilogue shared by the decode kernels. Each block has written its fp32 partials to
 // ws[split][m][n]; the last block of a row range to arrive (atomic counter, then re-zeroed for the next

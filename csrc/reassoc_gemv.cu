@@ -30,13 +30,25 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace lords {
 namespace {
 
 constexpr int kDepth = 2;  // superchunks of codes in flight per warp (registers: kDepth*kNT*2*BITS words)
 
-__host__ __device__ constexpr int lut_words(int bits) { return (1 << (2 * bits)) * 32; }
+// Words per table entry: 32 lane copies; at 4 bits each entry is padded to 64 words (256 bytes) so that
+// an entry's byte offset is (pair << 8) and a look-up address is one PRMT away from the code word.
+__host__ __device__ constexpr int entry_words(int bits) { return bits == 4 ? 64 : 32; }
+__host__ __device__ constexpr int lut_words(int bits) { return (1 << (2 * bits)) * entry_words(bits); }
+
+// One 32-bit shared-memory load from a shared-window address (volatile: never moved above the
+// __syncthreads that publishes the table).
+__device__ __forceinline__ uint32_t lds_u32(uint32_t saddr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(saddr));
+  return v;
+}
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
   return cols <= 16 ? 2 : cols <= 32 ? 4 : 8;
@@ -49,7 +61,9 @@ size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 +
 // SM pays them once per 512 rows instead of once per 256.
 constexpr int kReWarps = 16;
 constexpr int kReThreads = kReWarps * 32;
-constexpr size_t kReassocSmemCap = 160 * 1024;
+// 224 KB: the 64 KB pair table must not shrink the superchunks a split may stage (at 160 KB the
+// r = 49 shapes went from 4 to 6 splits: 336 blocks, 2.5 waves, +6 % at M = 1 on the H100).
+constexpr size_t kReassocSmemCap = 224 * 1024;
 
 // The shared memory a block may opt in to on the current GPU (227 KB on sm_90, 163 KB on sm_80, 99 KB
 // on sm_86/89), less 1 KB for static shared memory, capped at kReassocSmemCap; cached per device.
@@ -74,7 +88,9 @@ __host__ __device__ constexpr int rows_per_block() { return kReWarps * 16 * row_
 
 // FAST: K % 128 == 0 and 16-byte aligned x, qweight, A (vector_path_ok): no bounds checks or byte-wise
 // paths in the kernel at all, which the SASS of the generic version showed to be most of its main loop.
-template <typename T, int BITS, int NJ, bool FAST>
+// MAXM: the largest token count the epilogue handles (1 for the one-token launch: no per-token
+// selection, one shuffle pair per row).
+template <typename T, int BITS, int NJ, bool FAST, int MAXM>
 __global__ void __launch_bounds__(kReThreads, 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
@@ -130,6 +146,39 @@ __global__ void __launch_bounds__(kReThreads, 1)
     if (d < nsc) load_codes(ring[d], d);
   if (threadIdx.x < (1 << BITS)) levels[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
 
+  if constexpr (MAXM == 1 && FAST) {
+    // One token, whole 16-byte-aligned superchunks: col = j, no token index, no bounds checks on k,
+    // and the 8 products of an item as 4 paired 16-bit multiplies (the product of two 16-bit floats is
+    // exact in fp32, so rounding it once here gives the same bits as the fp32 path below). The general
+    // staging below spent ~600 instructions per warp here (SASS), more than the main loop.
+    const int total = nsc * 4 * NJ * 32;
+    constexpr int kU = 2;
+    for (int e0 = threadIdx.x; e0 < total; e0 += kU * blockDim.x) {
+      uint4 av[kU], xv[kU];
+      int idx[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const unsigned e = e0 + u * blockDim.x;  // unsigned: the divisions by powers of two are shifts
+        const unsigned l = e % 32, rest = e / 32;
+        const unsigned jt = rest % NJ, sp = (rest / NJ) % 4, sc = rest / (NJ * 4);
+        const int j = (int)(jt * 8 + l / 4);
+        const long k = k0 + (long)(sc * kSuper + 32 * (l % 4) + 8 * sp);
+        idx[u] = e < (unsigned)total ? (int)(((sc * 8 + 2 * sp) * NJ + jt) * 32 + l) : -1;
+        av[u] = make_uint4(0u, 0u, 0u, 0u);
+        xv[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (idx[u] >= 0 && j < r) {
+          av[u] = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+          xv[u] = __ldg(reinterpret_cast<const uint4*>(x + k));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (idx[u] < 0) break;
+        zst[idx[u]] = make_uint2(Mma<T>::mul2(av[u].x, xv[u].x), Mma<T>::mul2(av[u].y, xv[u].y));
+        zst[idx[u] + NJ * 32] = make_uint2(Mma<T>::mul2(av[u].z, xv[u].z), Mma<T>::mul2(av[u].w, xv[u].w));
+      }
+    }
+  } else
   // Z in fragment order: entry ((sc*8 + s)*NJ + jt)*32 + lane holds Z[col jt*8 + g, k .. k+3] for
   // k = k0 + 128 sc + 32 t + 4 s; col = m*r8 + j. Item e takes lane e % 32 (a warp's 8-byte stores
   // then cover one contiguous 256-byte row: conflict-free) and the k-tile pair (s, s+1), i.e. 8
@@ -188,7 +237,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
     for (int w = threadIdx.x; w < (1 << (2 * BITS)) * 8; w += blockDim.x) {
       const int p = w / 8;
       const uint32_t v = Mma<T>::pack(levels[p & mask], levels[p >> BITS]);
-      reinterpret_cast<uint4*>(lut)[w] = make_uint4(v, v, v, v);
+      reinterpret_cast<uint4*>(lut)[p * (entry_words(BITS) / 4) + w % 8] = make_uint4(v, v, v, v);
     }
   }
   __syncthreads();
@@ -204,6 +253,12 @@ __global__ void __launch_bounds__(kReThreads, 1)
   constexpr int kPairBits = 2 * BITS;
   constexpr uint32_t kPairMask = (1u << kPairBits) - 1u;
   const uint32_t* my_lut = lut + lane;
+  // 4-bit codes: a pair of codes is one byte of a loaded word. PRMT builds the look-up's byte offset
+  // in one instruction, (pair << 8) | (lane * 4), from the code word and a register holding lane * 4
+  // (byte 1 of that register is zero), and the LDS adds the table's shared address. The plain C++
+  // form compiled to SHF + IMAD.SHL + LOP3 + LEA per look-up (SASS of the v4 kernel).
+  const uint32_t lut_base = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
+  const uint32_t lane4 = 4u * lane;
   for (int base = 0; base < nsc; base += kDepth) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
@@ -217,11 +272,24 @@ __global__ void __launch_bounds__(kReThreads, 1)
         for (int jt = 0; jt < NJ; ++jt) zb[jt] = zsc[(s * NJ + jt) * 32];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
           // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
-          const uint32_t a[4] = {my_lut[(va & kPairMask) * 32], my_lut[(vb & kPairMask) * 32],
-                                 my_lut[((va >> kPairBits) & kPairMask) * 32],
-                                 my_lut[((vb >> kPairBits) & kPairMask) * 32]};
+          uint32_t a[4];
+          if constexpr (BITS == 4) {
+            // quad s is the 16 bits at bit 16*(s%2) of word s/2: pair h of it is byte 2*(s%2) + h
+            const uint32_t wa = ring[d][nt][0].w[s / 2], wb = ring[d][nt][1].w[s / 2];
+            // selector: result byte 0 = lane4 byte 0 (4), byte 1 = code byte b, bytes 2, 3 = lane4 byte 1 (5) = 0
+            const uint32_t sel0 = 0x5504u | ((2u * (s % 2)) << 4), sel1 = sel0 + 0x10u;
+            a[0] = lds_u32(lut_base + __byte_perm(wa, lane4, sel0));
+            a[1] = lds_u32(lut_base + __byte_perm(wb, lane4, sel0));
+            a[2] = lds_u32(lut_base + __byte_perm(wa, lane4, sel1));
+            a[3] = lds_u32(lut_base + __byte_perm(wb, lane4, sel1));
+          } else {
+            const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
+            a[0] = my_lut[(va & kPairMask) * 32];
+            a[1] = my_lut[(vb & kPairMask) * 32];
+            a[2] = my_lut[((va >> kPairBits) & kPairMask) * 32];
+            a[3] = my_lut[((vb >> kPairBits) & kPairMask) * 32];
+          }
 #pragma unroll
           for (int jt = 0; jt < NJ; ++jt) Mma<T>::mma(acc[nt][jt], a, zb[jt].x, zb[jt].y);
         }
@@ -231,15 +299,68 @@ __global__ void __launch_bounds__(kReThreads, 1)
   }
 
   // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
+  if constexpr (MAXM == 1) {
+    // One token: column j is rank j (no token index), one pointer per row computed once; the general
+    // version below re-derived 64-bit B addresses and the token of every column per tile (SASS).
+    float part1[NT][2];
+    // Two straight-line versions (B read as 32-bit rank pairs, or element by element) chosen once,
+    // with predicated loads inside: a branch per tile was most of this epilogue's SASS.
+    auto rows_times_b = [&](auto pair_loads) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const T* brow = Bm + min_l(warp_row0 + nt * 16 + g + 8 * h, N - 1) * r;
+          float sum = 0.f;
+#pragma unroll
+          for (int jt = 0; jt < NJ; ++jt) {
+            const int j0 = jt * 8 + 2 * t;
+            float b0, b1;
+            if constexpr (decltype(pair_loads)::value) {
+              // j0 even and r even: the pair is wholly inside the rank or wholly past it
+              const uint32_t w = j0 < r ? __ldg(reinterpret_cast<const unsigned int*>(brow + j0)) : 0u;
+              b0 = Mma<T>::to_float(reinterpret_cast<const T*>(&w)[0]);
+              b1 = Mma<T>::to_float(reinterpret_cast<const T*>(&w)[1]);
+            } else {
+              b0 = j0 < r ? Mma<T>::to_float(brow[j0]) : 0.f;
+              b1 = j0 + 1 < r ? Mma<T>::to_float(brow[j0 + 1]) : 0.f;
+            }
+            sum += acc[nt][jt][2 * h] * b0 + acc[nt][jt][2 * h + 1] * b1;
+          }
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          part1[nt][h] = sum;
+        }
+    };
+    if (r % 2 == 0 && reinterpret_cast<uintptr_t>(Bm) % 4 == 0)
+      rows_times_b(std::true_type{});
+    else
+      rows_times_b(std::false_type{});
+    if (t == 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long n = warp_row0 + nt * 16 + g + 8 * h;
+          if (n >= N) continue;
+          if (splits == 1) {
+            const float bv = bias != nullptr ? load_scalar(bias, bias_kind, n) : 0.f;
+            y[n] = Mma<T>::from_float(part1[nt][h] + bv);
+          } else {
+            ws[(long)split * N + n] = part1[nt][h];
+          }
+        }
+    }
+  } else {
   // Multiply by B[row, j], sum over this lane's columns per token, then over the 4 lanes of a row.
   const bool pairs = r % 2 == 0 && reinterpret_cast<uintptr_t>(Bm) % 4 == 0;
-  float part[NT][2][kReassocMaxM];
+  float part[NT][2][MAXM];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int m = 0; m < kReassocMaxM; ++m) part[nt][h][m] = 0.f;
+      for (int m = 0; m < MAXM; ++m) part[nt][h][m] = 0.f;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -270,7 +391,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
       for (int i = 0; i < 4; ++i) {
         const float v = acc[nt][jt][i] * bv[i];
 #pragma unroll
-        for (int mm = 0; mm < kReassocMaxM; ++mm)
+        for (int mm = 0; mm < MAXM; ++mm)
           if (mm == m) part[nt][i / 2][mm] += v;
       }
     }
@@ -279,7 +400,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int m = 0; m < kReassocMaxM; ++m) {
+      for (int m = 0; m < MAXM; ++m) {
         part[nt][h][m] += __shfl_xor_sync(0xffffffffu, part[nt][h][m], 1);
         part[nt][h][m] += __shfl_xor_sync(0xffffffffu, part[nt][h][m], 2);
       }
@@ -293,7 +414,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
         if (n >= N) continue;
         const float bv = (splits == 1 && bias != nullptr) ? load_scalar(bias, bias_kind, n) : 0.f;
 #pragma unroll
-        for (int m = 0; m < kReassocMaxM; ++m) {
+        for (int m = 0; m < MAXM; ++m) {
           if (m >= M) continue;
           if (splits == 1)
             y[(long)m * N + n] = Mma<T>::from_float(part[nt][h][m] + bv);
@@ -301,6 +422,7 @@ __global__ void __launch_bounds__(kReThreads, 1)
             ws[((long)split * M + m) * N + n] = part[nt][h][m];
         }
       }
+  }
   }
   if (splits == 1) return;
   if (arrive_last(&counters[blockIdx.x], splits))
@@ -312,7 +434,9 @@ template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
-  auto kernel = fast ? reassoc_kernel<T, BITS, NJ, true> : reassoc_kernel<T, BITS, NJ, false>;
+  auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM>
+                : a.M == 1 ? reassoc_kernel<T, BITS, NJ, true, 1>
+                           : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM>;
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
   // Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB
   // needs it, and a launch that exceeds the opt-in fails with "invalid argument".
@@ -321,7 +445,8 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   cudaGetDevice(&dev);
   const size_t cap = smem_cap();
   if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    for (auto k : {reassoc_kernel<T, BITS, NJ, true>, reassoc_kernel<T, BITS, NJ, false>}) {
+    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM>,
+                   reassoc_kernel<T, BITS, NJ, false, kReassocMaxM>}) {
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
       if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
     }
@@ -373,14 +498,29 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
   const long max_sc = std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
   sc_per = min_l(sc_per, max_sc);
   splits = (k_super + sc_per - 1) / sc_per;
+  // Even splits: the same count with the superchunks spread over them (no short last split).
+  sc_per = (k_super + splits - 1) / splits;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
 }
 
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
-  // One block per SM resident: ask for that many blocks, as split-K over whole superchunks.
+  // One block per SM is resident, so a launch takes ceil(blocks / SMs) waves, each as long as a block:
+  // a fixed part (table build, Z staging set-up, split-K arrival; ~1 superchunk) plus its superchunks.
+  // Pick the split count with the fewest such units, fewer splits on ties (less reduction traffic).
+  // The first version asked for ceil(SMs / row blocks) splits, which left 4096x14336 (r = 49) at 2 waves
+  // of 10 superchunks where 2 waves of 7 fit (H100: 52 us at M = 1).
   const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
-  const long want = ((long)sms + n_blocks - 1) / n_blocks;
-  return reassoc_plan_with_splits(N, K, r, M, bits, (int)std::max<long>(1, want));
+  const long k_super = (K + kSuper - 1) / kSuper;
+  const int nj = column_tiles(M, r);
+  const long max_sc = std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
+  long best = 1, best_cost = -1;
+  for (long s = 1; s <= k_super; ++s) {
+    const long sc = (k_super + s - 1) / s;
+    if (sc > max_sc) continue;
+    const long cost = ((n_blocks * s + sms - 1) / std::max(1, sms)) * (1 + sc);
+    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return reassoc_plan_with_splits(N, K, r, M, bits, (int)best);
 }
 
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream) {

@@ -10,8 +10,9 @@ def hopper(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
 
-@pytest.mark.parametrize("M,r,first", [(1, 32, "cuda"), (4, 32, "cuda"), (8, 32, "triton"), (1, 49, "cuda"), (2, 49, "triton"), (1, 65, "triton"),
-                                       (64, 16, "triton"), (4096, 32, "triton")])
+@pytest.mark.parametrize("M,r,first", [(1, 32, "cuda"), (4, 32, "cuda"), (8, 32, "cuda"), (16, 32, "triton"),
+                                       (2, 12, "cuda"), (4, 12, "triton"), (1, 49, "cuda"), (2, 49, "triton"),
+                                       (1, 65, "triton"), (64, 16, "triton"), (4096, 32, "triton")])
 def test_policy_on_hopper(hopper, M, r, first):
     order = dispatch.candidates(torch.device("cuda"), M, r)
     assert order[0] == first and order[-1] == "reference"

@@ -9,17 +9,19 @@ Order of decisions:
 
 POLICY rows are (minimum compute capability, largest M, largest rank r, backends in order of
 preference); None means no bound. The first row whose capability is <= the GPU's and whose bounds
-hold applies. The rows follow the H100 measurements (bench/cuda_notes.md, bench/triton_notes.md;
-CUDA graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank):
+hold applies. The rows follow the H100 measurements of session 5 (bench/cuda_notes.md; `bash
+bench/run_h100.sh --quick`, CUDA graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank;
+bench/h100/bench_quick_session5_[ab].json), us per call, cuda vs triton:
 
-    4096x4096 r=32   M=1: cuda 14.0 us, triton 22.8 | M=4: 17.1 vs 22.2 | M=16: 23.2 vs 23.1 | M=64: 56.8 vs 28.1
-    1024x4096 r=12   M=1: cuda 7.5, triton 8.8      | M=4: 10.6 vs 8.6  | M=16: 19.8 vs 9.4
-    14336x4096 r=49  M=1: cuda 46.1, triton 82.7    | M=2: 94.0 vs 81.8 | M=16: 129 vs 79  | M=4096: 920 vs 844
+    4096x4096 r=32   M=1: 11.9 vs 22.5 | M=2: 14.4 vs 22.3 | M=4: 15.9 vs 22.3 | M=8: 19.4 vs 22.3 | M=16: 25.9 vs 22.8
+    1024x4096 r=12   M=1: 7.2 vs 8.7   | M=2: 8.2 vs 8.8   | M=4: 10.3 vs 8.6  | M=8: 14.3 vs 9.0
+    14336x4096 r=49  M=1: 43.2 vs 81.1 | M=2: 82.6 vs 81.6 | M=16: 97.9 vs 78.0 | M=4096: 874 vs 824
+    4096x14336 r=49  M=1: 39.8 vs 73.6 | M=2: 84.4 vs 74.4
 
-(CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu, session 2 runs in
-bench/cuda_notes.md.) So CUDA leads for one token up to r = 64 and for M <= 4 with r <= 32, Triton
-everywhere else (its large-M path is a fused dequantize then cuBLAS). GPUs before sm_80 get no fused
-kernel.
+(CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu.) So CUDA leads
+for one token up to r = 64, for M <= 2 with r <= 32 and for M <= 8 with 16 < r <= 32; Triton
+everywhere else (its large-M path is a fused dequantize then cuBLAS). GPUs before sm_80 get no
+fused kernel.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ ENV = "LORDS_BACKEND"
 
 POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
     ((8, 0), 1, 64, ("cuda", "triton", "reference")),
-    ((8, 0), 4, 32, ("cuda", "triton", "reference")),
+    ((8, 0), 2, 32, ("cuda", "triton", "reference")),
+    ((8, 0), 8, 16, ("triton", "cuda", "reference")),
+    ((8, 0), 8, 32, ("cuda", "triton", "reference")),
     ((8, 0), None, None, ("triton", "cuda", "reference")),
     ((0, 0), None, None, ("reference",)),
 ]

@@ -1,0 +1,22 @@
+"""compute-sanitizer target: the CUDA backend ops on a few odd shapes of every bit width (run under
+`compute-sanitizer --tool memcheck python3 bench/sanitize_cuda.py`); prints the relative error per case."""
+import torch, math, sys, os
+sys.path.insert(0, os.getcwd())
+from lords_ext.formats import pack, get_codebook
+from lords_ext.backends import reference
+import lords_ext.backends.cuda  # noqa  loads _C
+op = torch.ops.lords.dequant_matmul_cuda
+worst = 0
+for (M, N, K, r, bits, path) in [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0)]:
+    g = torch.Generator().manual_seed(M)
+    cb = get_codebook(f"nf{bits}")[0].cuda()
+    q = pack(torch.randint(0, 1 << bits, (N, K), generator=g), bits).cuda()
+    B = torch.rand(N, r, generator=g).cuda().bfloat16(); A = torch.rand(r, K, generator=g).cuda().bfloat16()
+    x = torch.randn(M, K, generator=g).cuda().bfloat16()
+    y = op(x, q, B, A, cb, None, path)
+    W = torch.ops.lords.dequant_cuda(q, B, A, cb)
+    ref = reference.dequant_matmul(x.float(), q, B.float(), A.float(), cb, None)
+    e = ((y.double() - ref.double()).norm() / ref.double().norm()).item(); worst = max(worst, e)
+    print(M, N, K, r, bits, path, f"rel {e:.2e}")
+torch.cuda.synchronize()
+print("sanitize script done, worst rel", worst)
