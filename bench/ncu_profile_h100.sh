@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call: Nsight Compute profiles of the CUDA decode kernels at the decode shapes, reduced to
+# a few lines each (speed of light, occupancy, stall reasons, executed instructions and stall samples
+# per program region via bench/ncu_regions.py). Reports (.ncu-rep) stay in $OUT.
+#   bash bench/ncu_profile_h100.sh ["N K M PATH" ...]     default: the M = 1 re-associated launches
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT="${OUT:-/tmp/ncu_profile}"
+mkdir -p "$OUT"
+t0=$SECONDS
+MAX_JOBS=16 LORDS_CUDA_ARCH=9.0 timeout 240 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { echo "build FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build ok in $((SECONDS - t0)) s"
+[ $# -gt 0 ] && CASES=("$@") || CASES=("4096 4096 1 2" "14336 4096 1 2" "4096 4096 4 0")
+for c in "${CASES[@]}"; do
+  set -- $c
+  tag="n$1_k$2_m$3_p$4"
+  echo; echo "=== $c (N K M path; 0 = direct, 2 = re-associated)"
+  timeout 150 ncu --clock-control none --kernel-name regex:'reassoc|decode_gemm' --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+    --section SourceCounters --import-source no -f -o "$OUT/$tag" python3 bench/ncu_decode.py $1 $2 $3 $4 \
+    > "$OUT/$tag.log" 2>&1 || { echo "ncu failed"; tail -5 "$OUT/$tag.log"; continue; }
+  ncu --import "$OUT/$tag.ncu-rep" --page details --print-units base > "$OUT/$tag.details.txt" 2>&1
+  grep -E "^\s+(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Block Size|Grid Size|Dynamic Shared Memory Per Block|Achieved Active Warps Per SM|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|Executed Instructions) " \
+    "$OUT/$tag.details.txt" | sed 's/  */ /g' | sort -u
+  ncu --import "$OUT/$tag.ncu-rep" --page raw --csv > "$OUT/$tag.raw.csv" 2>/dev/null
+  python3 - "$OUT/$tag.raw.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head = next((i for i, r in enumerate(rows) if any("pcsamp_warps_issue_stalled" in c for c in r)), None)
+if head is None:
+    print("no stall-sampling metrics in the raw page"); sys.exit(0)
+names, vals = rows[head], rows[-1]
+st = []
+for n, v in zip(names, vals):
+    if "pcsamp_warps_issue_stalled" in n and "not_issued" not in n:
+        try: st.append((float(v.replace(",", "")), n.split("stalled_")[-1]))
+        except ValueError: pass
+tot = sum(v for v, _ in st) or 1
+print("stall samples: " + ", ".join(f"{n} {100 * v / tot:.0f}%" for v, n in sorted(st, reverse=True)[:8]))
+PY
+  ncu --import "$OUT/$tag.ncu-rep" --page source --print-source sass --csv > "$OUT/$tag.source.csv" 2>&1
+  python3 bench/ncu_regions.py "$OUT/$tag.source.csv" --top 12 || head -5 "$OUT/$tag.source.csv"
+done

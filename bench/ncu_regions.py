@@ -1,0 +1,91 @@
+"""Where a CUDA kernel's executed instructions and stall samples go, by program region, from Nsight
+Compute's per-instruction source page (the GPU side of bench/sass_static.py's static counts).
+
+    ncu --section SourceCounters --kernel-name regex:reassoc --launch-skip 3 --launch-count 1 \
+        -o rep python3 bench/ncu_decode.py 4096 4096 1 2
+    ncu --import rep.ncu-rep --page source --print-source sass --csv > rep.csv
+    python3 bench/ncu_regions.py rep.csv [--top 15]
+
+Regions as in sass_static.py: prologue (before the first tensor-core mma), main loop (first to last
+mma), epilogue (after the last mma). Prints one row per region and the instructions with the most
+stall samples.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+
+
+def _column(header: list[str], *needles: str) -> int | None:
+    for i, name in enumerate(header):
+        low = name.lower()
+        if all(n in low for n in needles):
+            return i
+    return None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text.replace(",", "")) if text.strip() else 0.0
+    except ValueError:
+        return 0.0
+
+
+def read_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    """The CSV table of the source page (ncu may print lines before it)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Source" in line and "Address" in line), None)
+    if start is None:
+        raise ValueError("no 'Address' / 'Source' header in the ncu source page: was --page source --csv used?")
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    return rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
+
+
+def summarize(header: list[str], rows: list[list[str]]) -> dict:
+    src = _column(header, "source")
+    exe = _column(header, "instructions executed")
+    stall = _column(header, "warp stall sampling", "all")
+    if stall is None:
+        stall = _column(header, "warp stall sampling")
+    if src is None or exe is None or stall is None:
+        raise ValueError(f"expected Source, Instructions Executed and Warp Stall Sampling columns, got {header}")
+    mma = [i for i, r in enumerate(rows) if any("MMA" in tok for tok in r[src].split()[:2])]
+    first, last = (mma[0], mma[-1]) if mma else (len(rows), len(rows))
+    out = {name: {"static": 0, "executed": 0.0, "stalls": 0.0} for name in ("prologue", "main loop", "epilogue")}
+    ranked = []
+    for i, r in enumerate(rows):
+        region = "prologue" if i < first else "main loop" if i <= last else "epilogue"
+        e, s = _number(r[exe]), _number(r[stall])
+        out[region]["static"] += 1
+        out[region]["executed"] += e
+        out[region]["stalls"] += s
+        ranked.append((s, region, i, r[src].strip(), e))
+    ranked.sort(reverse=True)
+    return {"regions": out, "top": ranked}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("csv", help="ncu --page source --print-source sass --csv output ('-' for stdin)")
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args(argv)
+    text = sys.stdin.read() if a.csv == "-" else open(a.csv).read()
+    header, rows = read_rows(text)
+    res = summarize(header, rows)
+    tot_e = sum(v["executed"] for v in res["regions"].values()) or 1.0
+    tot_s = sum(v["stalls"] for v in res["regions"].values()) or 1.0
+    print("| region | static instr | warp instr executed | share | stall samples | share |")
+    print("|---|---|---|---|---|---|")
+    for name, v in res["regions"].items():
+        print(f"| {name} | {v['static']} | {v['executed']:.0f} | {100 * v['executed'] / tot_e:.1f} % "
+              f"| {v['stalls']:.0f} | {100 * v['stalls'] / tot_s:.1f} % |")
+    print(f"\ntop {a.top} instructions by stall samples (samples, region, index, executed, SASS):")
+    for s, region, i, text_, e in res["top"][: a.top]:
+        print(f"  {s:6.0f}  {region:9s} #{i:<5d} x{e:<8.0f} {text_[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""bench/ncu_regions.py on a small synthetic ncu source page (the GPU run feeds it the real one)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import ncu_regions  # noqa: E402
+
+PAGE = '''==PROF== Connected to process
+"# Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
+"0","LDG.E.128 R4, desc[UR4][R2.64]","30","25","100"
+"10","IMAD R5, R4, 0x2, RZ","2","1","100"
+"20","HMMA.16816.F32.BF16 R8, R12, R16, R8","5","4","400"
+"30","@P0 LDS R6, [R7+UR4]","12","10","800"
+"40","HMMA.16816.F32.BF16 R8, R12, R18, R8","1","1","400"
+"50","SHFL.BFLY PT, R3, R2, 0x1, 0x1f","9","8","200"
+"60","EXIT","0","0","100"
+'''
+
+
+def test_regions_split_at_first_and_last_mma():
+    header, rows = ncu_regions.read_rows(PAGE)
+    res = ncu_regions.summarize(header, rows)
+    reg = res["regions"]
+    assert reg["prologue"] == {"static": 2, "executed": 200.0, "stalls": 32.0}
+    assert reg["main loop"] == {"static": 3, "executed": 1600.0, "stalls": 18.0}
+    assert reg["epilogue"] == {"static": 2, "executed": 300.0, "stalls": 9.0}
+    assert res["top"][0][3].startswith("LDG.E.128") and res["top"][1][1] == "main loop"
+
+
+def test_main_prints_a_table(tmp_path, capsys):
+    f = tmp_path / "page.csv"
+    f.write_text(PAGE)
+    assert ncu_regions.main([str(f), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| main loop | 3 | 1600 | 76.2 % | 18 | 30.5 % |" in out
