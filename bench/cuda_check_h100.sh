@@ -2,15 +2,7 @@
 # One device call after a change in csrc/ (bench/cuda_notes.md, "Session 5"): build, the CUDA GPU tests,
 # a compute-sanitizer memcheck pass, then the M = 1..16 decode timings of every CUDA path. Table last.
 #   bash bench/cuda_check_h100.sh        (OUT is set by the device tool)
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-OUT="${OUT:-/tmp/cuda_check}"
-mkdir -p "$OUT"
-t0=$SECONDS
-MAX_JOBS=16 LORDS_CUDA_ARCH=9.0 timeout 240 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { echo "build FAILED"; tail -40 "$OUT/build.log"; exit 1; }
-echo "build ok in $((SECONDS - t0)) s"
+source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 timeout 150 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -n 15 "$OUT/pytest.log"
 timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 bench/sanitize_cuda.py > "$OUT/sanitize.log" 2>&1

@@ -3,15 +3,7 @@
 # a few lines each (speed of light, occupancy, stall reasons, executed instructions and stall samples
 # per program region via bench/ncu_regions.py). Reports (.ncu-rep) stay in $OUT.
 #   bash bench/ncu_profile_h100.sh ["N K M PATH" ...]     default: the M = 1 re-associated launches
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-OUT="${OUT:-/tmp/ncu_profile}"
-mkdir -p "$OUT"
-t0=$SECONDS
-MAX_JOBS=16 LORDS_CUDA_ARCH=9.0 timeout 240 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { echo "build FAILED"; tail -40 "$OUT/build.log"; exit 1; }
-echo "build ok in $((SECONDS - t0)) s"
+source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 [ $# -gt 0 ] && CASES=("$@") || CASES=("4096 4096 1 2" "14336 4096 1 2" "4096 4096 4 0")
 for c in "${CASES[@]}"; do
   set -- $c
