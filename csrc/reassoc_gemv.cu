@@ -14,8 +14,9 @@
 // Per weight the look-up is one LDS per pair of codes: a pair of codes (2*BITS bits) indexes a table
 // of packed 16-bit value pairs in the mma operand layout (256 / 64 / 16 entries at 4 / 3 / 2 bits).
 // Random indices from 32 lanes would collide in the 32 shared-memory banks (~3.5-way on average), so
-// the table is replicated once per lane with lane l's copy entirely in bank l: word p*32 + l. That
-// costs 32 KB at 4 bits and makes every look-up conflict-free.
+// the table is replicated once per lane with lane l's copy entirely in bank l: word p*32 + l (at 4 bits
+// each entry is padded to 64 words, see entry_words). That costs 64 KB at 4 bits and makes every
+// look-up conflict-free.
 //
 // Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
 // each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
