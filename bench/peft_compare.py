@@ -379,6 +379,19 @@ def upper_median(v):
     return sorted(v)[len(v) // 2]
 
 
+# --compile: how the training forward (+ its backward) is compiled; evaluation always runs eager.
+COMPILE_MODES = {"off": None, "inductor": {}, "reduce-overhead": {"mode": "reduce-overhead"},
+                 "aot_eager": {"backend": "aot_eager"}}
+
+
+def compiled(model, how: str):
+    """The module a training step calls: `model` itself, or torch.compile of it (same parameters). The
+    steps are host-bound on the H100 machine (bench/peft_notes.md), so compiling both methods is the
+    comparison that takes the Python and autograd overhead out of the step time."""
+    kw = COMPILE_MODES[how]
+    return model if kw is None else torch.compile(model, dynamic=False, **kw)
+
+
 def train_step(model, params, opt, b):
     """Forward + backward + clip + optimizer step on one batch; returns the loss tensor."""
     loss = model(input_ids=b, labels=b).loss
@@ -407,7 +420,7 @@ def paired_timing(runner, args, batches, dev) -> dict:
             continue
         model.train()
         params = [p for g in groups for p in g["params"]]
-        built[m] = (model, params, torch.optim.AdamW(groups, weight_decay=0.0))
+        built[m] = (compiled(model, args.compile), params, torch.optim.AdamW(groups, weight_decay=0.0))
     names = list(built)
     if len(names) < 2:
         return {"skipped": f"fewer than two PEFT methods could be built ({names})"}
@@ -458,13 +471,14 @@ def train(model, groups, batches, args, dev):
     times, losses = [], []
     prof, summary, first = None, None, min(5, len(batches) - 1)  # profile after the warm-up steps (autotuning, caches)
     n_prof = min(args.profile_steps, len(batches) - first)
+    step_model = compiled(model, args.compile)
     for i, b in enumerate(batches):
         if n_prof > 0 and i == first:
             prof = start_profiler(dev)
         b = b.to(dev)
         sync(dev)
         t0 = time.perf_counter()
-        loss = train_step(model, params, opt, b)
+        loss = train_step(step_model, params, opt, b)
         sched.step()
         sync(dev)
         times.append(time.perf_counter() - t0)
@@ -611,6 +625,9 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many training steps (after 5 warm-up steps) of every run with torch.profiler "
                          "and report wall vs GPU-kernel time per step and the top ops (those steps stay in step_ms)")
+    ap.add_argument("--compile", choices=tuple(COMPILE_MODES), default="off",
+                    help="torch.compile the training forward of every method (the first steps then include "
+                         "compilation: step_ms is a median, paired timing skips 3 warm-up rounds)")
     ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
                     help="dtype of everything that does not train (and of QLoRA's compute); fp32 for CPU runs")
     ap.add_argument("--smoke-blocks", type=int, default=0,

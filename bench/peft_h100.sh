@@ -8,6 +8,8 @@
 #   bash bench/peft_h100.sh host      # GPU tests of the Triton paths, host time per op, 4-bit step (seed 0)
 #   bash bench/peft_h100.sh host2     # the 4-bit step comparison with seed 1 (+ QLoRA rank 16), more GPU tests
 #   bash bench/peft_h100.sh paired    # 4-bit step times side by side (--paired-steps 40) + step profiles
+#   bash bench/peft_h100.sh compiled  # 4-bit steps with the training forward under torch.compile (inductor),
+#                                     # both methods, + step profiles (compile time on the H100 host not yet known)
 # JSON and logs go to $OUT; the result tables are printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -48,5 +50,10 @@ case "${1:-profile}" in
     # host time per call at one token (decoding) as well as at training size
     python3 bench/host_overhead.py --M 1 2>&1 | tee "$OUT/host_overhead_m1.log"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired)"; exit 2 ;;
+  compiled)
+    # the steps are host-bound (Python, autograd, launches): compiled steps compare the kernels' work
+    $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile inductor \
+      --budget-s 480 --out "$OUT/peft4_compiled.json" 2>&1 | tee "$OUT/peft4_compiled.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled)"; exit 2 ;;
 esac

@@ -56,3 +56,27 @@ def test_peft_compare_pipeline_3bit(tmp_path):
     assert set(paired) == {"lords-peft", "nflora-eq"}
     assert paired["lords-peft"]["ratio_to_first"] == 1.0
     assert all(r["step_ms"] > 0 and math.isfinite(r["ratio_to_first"]) for r in paired.values())
+
+
+def test_peft_compare_compiled_steps(tmp_path):
+    """--compile: the training forward of both PEFT methods through torch.compile (aot_eager here, the
+    same graph capture and autograd tracing as inductor without code generation), trained and timed."""
+    _needs()
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peft_compare
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "c.json"
+    rc = peft_compare.main(["--bits", "4", "--methods", "lords-peft", "qlora-eq", "--steps", "4", "--batch", "2",
+                            "--seq-len", "32", "--ptq-steps", "1", "--eval-tokens", "256", "--cal-tokens", "4000",
+                            "--lr-peft", "1e-3", "--frozen-dtype", "fp32", "--smoke-blocks", "1",
+                            "--device", "cpu", "--paired-steps", "2", "--compile", "aot_eager", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["compile"] == "aot_eager"
+    runs = {r["method"]: r for r in report["runs"]}
+    assert "lords-peft" in runs and "error" not in runs["lords-peft"], runs.get("lords-peft")
+    r = runs["lords-peft"]
+    assert math.isfinite(r["eval_after"]) and r["eval_after"] < r["eval_before"]
+    assert set(report["paired_timing"]["methods"]) >= {"lords-peft"}
