@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call: Nsight Compute profiles of the CUDA decode kernels at the decode shapes, reduced to
 # a few lines each (speed of light, occupancy, stall reasons, executed instructions and stall samples
-# per program region via bench/ncu_regions.py). Reports (.ncu-rep) stay in $OUT.
+# per program region via bench/ncu_regions.py). Per case only the source page (CSV, for a closer look at
+# the hot instructions) comes back in $OUT, gzipped: the device tool returns a limited number of files,
+# so the reports, raw pages and logs stay in a scratch folder on the device.
 #   bash bench/ncu_profile_h100.sh ["N K M PATH" ...]     default: the M = 1 re-associated launches
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
+SCRATCH="$(mktemp -d)"
 [ $# -gt 0 ] && CASES=("$@") || CASES=("4096 4096 1 2" "14336 4096 1 2" "4096 4096 4 0")
 for c in "${CASES[@]}"; do
   set -- $c
@@ -11,13 +14,13 @@ for c in "${CASES[@]}"; do
   echo; echo "=== $c (N K M path; 0 = direct, 2 = re-associated)"
   timeout 150 ncu --clock-control none --kernel-name regex:'reassoc|decode_gemm' --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-    --section SourceCounters --import-source no -f -o "$OUT/$tag" python3 bench/ncu_decode.py $1 $2 $3 $4 \
-    > "$OUT/$tag.log" 2>&1 || { echo "ncu failed"; tail -5 "$OUT/$tag.log"; continue; }
-  ncu --import "$OUT/$tag.ncu-rep" --page details --print-units base > "$OUT/$tag.details.txt" 2>&1
+    --section SourceCounters --import-source no -f -o "$SCRATCH/$tag" python3 bench/ncu_decode.py $1 $2 $3 $4 \
+    > "$SCRATCH/$tag.log" 2>&1 || { echo "ncu failed"; tail -5 "$SCRATCH/$tag.log"; continue; }
+  ncu --import "$SCRATCH/$tag.ncu-rep" --page details --print-units base > "$SCRATCH/$tag.details.txt" 2>&1
   grep -E "^\s+(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Block Size|Grid Size|Dynamic Shared Memory Per Block|Achieved Active Warps Per SM|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|Executed Instructions) " \
-    "$OUT/$tag.details.txt" | sed 's/  */ /g' | sort -u
-  ncu --import "$OUT/$tag.ncu-rep" --page raw --csv > "$OUT/$tag.raw.csv" 2>/dev/null
-  python3 - "$OUT/$tag.raw.csv" <<'PY'
+    "$SCRATCH/$tag.details.txt" | sed 's/  */ /g' | sort -u
+  ncu --import "$SCRATCH/$tag.ncu-rep" --page raw --csv > "$SCRATCH/$tag.raw.csv" 2>/dev/null
+  python3 - "$SCRATCH/$tag.raw.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
 head = next((i for i, r in enumerate(rows) if any("pcsamp_warps_issue_stalled" in c for c in r)), None)
@@ -32,6 +35,7 @@ for n, v in zip(names, vals):
 tot = sum(v for v, _ in st) or 1
 print("stall samples: " + ", ".join(f"{n} {100 * v / tot:.0f}%" for v, n in sorted(st, reverse=True)[:8]))
 PY
-  ncu --import "$OUT/$tag.ncu-rep" --page source --print-source sass --csv > "$OUT/$tag.source.csv" 2>&1
-  python3 bench/ncu_regions.py "$OUT/$tag.source.csv" --top 12 || head -5 "$OUT/$tag.source.csv"
+  ncu --import "$SCRATCH/$tag.ncu-rep" --page source --print-source sass --csv > "$SCRATCH/$tag.source.csv" 2>&1
+  python3 bench/ncu_regions.py "$SCRATCH/$tag.source.csv" --top 12 || head -5 "$SCRATCH/$tag.source.csv"
+  gzip -c "$SCRATCH/$tag.source.csv" > "$OUT/$tag.source.csv.gz"
 done

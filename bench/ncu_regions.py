@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import sys
 
@@ -68,10 +69,14 @@ def summarize(header: list[str], rows: list[list[str]]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("csv", help="ncu --page source --print-source sass --csv output ('-' for stdin)")
+    p.add_argument("csv", help="ncu --page source --print-source sass --csv output (.gz read as gzip; '-' for stdin)")
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args(argv)
-    text = sys.stdin.read() if a.csv == "-" else open(a.csv).read()
+    if a.csv == "-":
+        text = sys.stdin.read()
+    else:
+        with (gzip.open(a.csv, "rt") if a.csv.endswith(".gz") else open(a.csv)) as f:
+            text = f.read()
     header, rows = read_rows(text)
     res = summarize(header, rows)
     tot_e = sum(v["executed"] for v in res["regions"].values()) or 1.0

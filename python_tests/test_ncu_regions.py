@@ -34,3 +34,12 @@ def test_main_prints_a_table(tmp_path, capsys):
     assert ncu_regions.main([str(f), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "| main loop | 3 | 1600 | 76.2 % | 18 | 30.5 % |" in out
+
+
+def test_main_reads_gzip(tmp_path, capsys):
+    import gzip
+    f = tmp_path / "page.csv.gz"
+    with gzip.open(f, "wt") as g:
+        g.write(PAGE)
+    assert ncu_regions.main([str(f)]) == 0
+    assert "| prologue | 2 | 200 |" in capsys.readouterr().out
