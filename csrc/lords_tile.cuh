@@ -267,6 +267,25 @@ __device__ __forceinline__ void load_B_frags(uint32_t (&f)[RT][4], const T* __re
   }
 }
 
+// Adds the scale tile of one 16x16 weight tile, S_tile = B_frag @ A_stage (2*RT mmas), to s0 and s1 in
+// the mma accumulator layout: s0 for k-positions 2t, 2t+1, s1 for 2t+8, 2t+9 of rows g and g+8.
+template <typename T, int RT>
+__device__ __forceinline__ void scale_frags(float (&s0)[4], float (&s1)[4], const uint32_t (&bf)[RT][4],
+                                            const uint4 (&af)[RT]) {
+#pragma unroll
+  for (int c = 0; c < RT; ++c) {
+    Mma<T>::mma(s0, bf[c], af[c].x, af[c].y);
+    Mma<T>::mma(s1, bf[c], af[c].z, af[c].w);
+  }
+}
+
+// 4-bit codes: quad s of a lane's 32 codes is the 16 bits at bit 16*(s%2) of word s/2, so its code pairs
+// (0, 1) and (2, 3) are bytes 2*(s%2) and 2*(s%2) + 1. __byte_perm(word, lane_bytes, selector) with this
+// selector puts pair (0, 1) in result byte 1 and lane_bytes' bytes 0 and 1 in result bytes 0 and 2, 3
+// (lane_bytes < 256, so those are the lane offset and zeros): a table byte offset (pair << 8) | lane
+// offset in one PRMT. Pair (2, 3): selector + 0x10.
+__device__ __forceinline__ uint32_t quad_pair_selector(int s) { return 0x5504u | ((2u * (s % 2)) << 4); }
+
 // W fragment (A-operand layout) of one 16x16 tile for k-tile s:
 // S_tile = B_frag @ A_stage via 2*RT mmas, then W = codebook[code] * S_tile in fp32, packed to T.
 template <typename T, int BITS, int RT>
@@ -274,11 +293,7 @@ __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&
                                             const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
   float s0[4] = {0.f, 0.f, 0.f, 0.f};
   float s1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int c = 0; c < RT; ++c) {
-    Mma<T>::mma(s0, bf[c], af[c].x, af[c].y);
-    Mma<T>::mma(s1, bf[c], af[c].z, af[c].w);
-  }
+  scale_frags<T, RT>(s0, s1, bf, af);
   uint32_t qa[4], qb[4];
   lo.quad(s, qa);
   hi.quad(s, qb);
@@ -300,19 +315,14 @@ __device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint3
                                                   uint32_t table, uint32_t lane8, int s) {
   float s0[4] = {0.f, 0.f, 0.f, 0.f};
   float s1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int c = 0; c < RT; ++c) {
-    Mma<T>::mma(s0, bf[c], af[c].x, af[c].y);
-    Mma<T>::mma(s1, bf[c], af[c].z, af[c].w);
-  }
+  scale_frags<T, RT>(s0, s1, bf, af);
   auto pair = [&](uint32_t w, uint32_t sel) -> float2 {
     float2 v;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(table + __byte_perm(w, lane8, sel)));
     return v;
   };
-  // quad s is the 16 bits at bit 16*(s%2) of word s/2: codes (0, 1) are its low byte, (2, 3) its high byte
   const uint32_t wa = lo.w[s / 2], wb = hi.w[s / 2];
-  const uint32_t sel0 = 0x5504u | ((2u * (s % 2)) << 4), sel1 = sel0 + 0x10u;
+  const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
   const float2 p0 = pair(wa, sel0), p1 = pair(wb, sel0), p2 = pair(wa, sel1), p3 = pair(wb, sel1);
   wf[0] = Mma<T>::pack(p0.x * s0[0], p0.y * s0[1]);
   wf[1] = Mma<T>::pack(p1.x * s0[2], p1.y * s0[3]);

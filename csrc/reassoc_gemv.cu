@@ -276,10 +276,8 @@ __global__ void __launch_bounds__(kReThreads, 1)
           // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
           uint32_t a[4];
           if constexpr (BITS == 4) {
-            // quad s is the 16 bits at bit 16*(s%2) of word s/2: pair h of it is byte 2*(s%2) + h
             const uint32_t wa = ring[d][nt][0].w[s / 2], wb = ring[d][nt][1].w[s / 2];
-            // selector: result byte 0 = lane4 byte 0 (4), byte 1 = code byte b, bytes 2, 3 = lane4 byte 1 (5) = 0
-            const uint32_t sel0 = 0x5504u | ((2u * (s % 2)) << 4), sel1 = sel0 + 0x10u;
+            const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
             a[0] = lds_u32(lut_base + __byte_perm(wa, lane4, sel0));
             a[1] = lds_u32(lut_base + __byte_perm(wb, lane4, sel0));
             a[2] = lds_u32(lut_base + __byte_perm(wa, lane4, sel1));
@@ -489,15 +487,22 @@ bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r 
 
 int block_rows(int nj) { return nj >= 8 ? rows_per_block<8>() : rows_per_block<4>(); }
 
+// The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
+static long max_superchunks(int M, int r, int bits) {
+  return std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(column_tiles(M, r), 1));
+}
+
+static long row_blocks(long N, int M, int r) {
+  const int rows = block_rows(column_tiles(M, r));
+  return (N + rows - 1) / rows;
+}
+
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int want) {
-  const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
+  const long n_blocks = row_blocks(N, M, r);
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
-  // Table + staged Z under the device's cap (one block per SM).
-  const int nj = column_tiles(M, r);
-  const long max_sc = std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
-  sc_per = min_l(sc_per, max_sc);
+  sc_per = min_l(sc_per, max_superchunks(M, r, bits));
   splits = (k_super + sc_per - 1) / sc_per;
   // Even splits: the same count with the superchunks spread over them (no short last split).
   sc_per = (k_super + splits - 1) / splits;
@@ -510,10 +515,9 @@ DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
   // Pick the split count with the fewest such units, fewer splits on ties (less reduction traffic).
   // The first version asked for ceil(SMs / row blocks) splits, which left 4096x14336 (r = 49) at 2 waves
   // of 10 superchunks where 2 waves of 7 fit (H100: 52 us at M = 1).
-  const long n_blocks = (N + block_rows(column_tiles(M, r)) - 1) / block_rows(column_tiles(M, r));
+  const long n_blocks = row_blocks(N, M, r);
   const long k_super = (K + kSuper - 1) / kSuper;
-  const int nj = column_tiles(M, r);
-  const long max_sc = std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(nj, 1));
+  const long max_sc = max_superchunks(M, r, bits);
   long best = 1, best_cost = -1;
   for (long s = 1; s <= k_super; ++s) {
     const long sc = (k_super + s - 1) / s;
