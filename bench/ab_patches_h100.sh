@@ -16,8 +16,7 @@ for p in "$@"; do
   if ! { git apply "$p" 2>/dev/null || patch -p1 --forward --quiet < "$p"; }; then
     echo "$p: does not apply, stopping"; break
   fi
-  if ! MAX_JOBS=16 LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0}" timeout 240 python3 setup.py build_ext --inplace \
-      > "$OUT/build_$tag.log" 2>&1; then
+  if ! lords_build "$OUT/build_$tag.log"; then
     echo "$p: build FAILED"; tail -20 "$OUT/build_$tag.log"; break
   fi
   timeout 150 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py -k "reassoc or matrix" \

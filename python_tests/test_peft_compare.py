@@ -26,13 +26,19 @@ def _needs():
         pytest.skip("peft not installed")
 
 
-def test_peft_compare_pipeline_3bit(tmp_path):
+def _peft_compare():
+    """bench/peft_compare.py as a module, after the skips for what it needs."""
     _needs()
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import peft_compare
     finally:
         sys.path.pop(0)
+    return peft_compare
+
+
+def test_peft_compare_pipeline_3bit(tmp_path):
+    peft_compare = _peft_compare()
     out = tmp_path / "r.json"
     rc = peft_compare.main(["--bits", "3", "--methods", "lords-peft", "nflora-eq", "lords-qat", "block-qat",
                             "--steps", "3", "--batch", "2", "--seq-len", "32", "--ptq-steps", "1",
@@ -61,12 +67,7 @@ def test_peft_compare_pipeline_3bit(tmp_path):
 def test_peft_compare_compiled_steps(tmp_path):
     """--compile: the training forward of both PEFT methods through torch.compile (aot_eager here, the
     same graph capture and autograd tracing as inductor without code generation), trained and timed."""
-    _needs()
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import peft_compare
-    finally:
-        sys.path.pop(0)
+    peft_compare = _peft_compare()
     out = tmp_path / "c.json"
     rc = peft_compare.main(["--bits", "4", "--methods", "lords-peft", "qlora-eq", "--steps", "4", "--batch", "2",
                             "--seq-len", "32", "--ptq-steps", "1", "--eval-tokens", "256", "--cal-tokens", "4000",
