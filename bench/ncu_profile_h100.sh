@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call: Nsight Compute profiles of the CUDA decode kernels at the decode shapes, reduced to
-# a few lines each (speed of light, occupancy, stall reasons, executed instructions and stall samples
+# a few lines each (speed of light, occupancy; stall reasons, executed instructions and stall samples
 # per program region via bench/ncu_regions.py). Per case only the source page (CSV, for a closer look at
 # the hot instructions) comes back in $OUT, gzipped: the device tool returns a limited number of files,
-# so the reports, raw pages and logs stay in a scratch folder on the device.
+# so the reports and logs stay in a scratch folder on the device.
 #   bash bench/ncu_profile_h100.sh ["N K M PATH" ...]     default: the M = 1 re-associated launches
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 SCRATCH="$(mktemp -d)"
@@ -19,22 +19,6 @@ for c in "${CASES[@]}"; do
   ncu --import "$SCRATCH/$tag.ncu-rep" --page details --print-units base > "$SCRATCH/$tag.details.txt" 2>&1
   grep -E "^\s+(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Block Size|Grid Size|Dynamic Shared Memory Per Block|Achieved Active Warps Per SM|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|Executed Instructions) " \
     "$SCRATCH/$tag.details.txt" | sed 's/  */ /g' | sort -u
-  ncu --import "$SCRATCH/$tag.ncu-rep" --page raw --csv > "$SCRATCH/$tag.raw.csv" 2>/dev/null
-  python3 - "$SCRATCH/$tag.raw.csv" <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1])))
-head = next((i for i, r in enumerate(rows) if any("pcsamp_warps_issue_stalled" in c for c in r)), None)
-if head is None:
-    print("no stall-sampling metrics in the raw page"); sys.exit(0)
-names, vals = rows[head], rows[-1]
-st = []
-for n, v in zip(names, vals):
-    if "pcsamp_warps_issue_stalled" in n and "not_issued" not in n:
-        try: st.append((float(v.replace(",", "")), n.split("stalled_")[-1]))
-        except ValueError: pass
-tot = sum(v for v, _ in st) or 1
-print("stall samples: " + ", ".join(f"{n} {100 * v / tot:.0f}%" for v, n in sorted(st, reverse=True)[:8]))
-PY
   ncu --import "$SCRATCH/$tag.ncu-rep" --page source --print-source sass --csv > "$SCRATCH/$tag.source.csv" 2>&1
   python3 bench/ncu_regions.py "$SCRATCH/$tag.source.csv" --top 12 || head -5 "$SCRATCH/$tag.source.csv"
   gzip -c "$SCRATCH/$tag.source.csv" > "$OUT/$tag.source.csv.gz"

@@ -7,8 +7,8 @@ Compute's per-instruction source page (the GPU side of bench/sass_static.py's st
     python3 bench/ncu_regions.py rep.csv [--top 15]
 
 Regions as in sass_static.py: prologue (before the first tensor-core mma), main loop (first to last
-mma), epilogue (after the last mma). Prints one row per region and the instructions with the most
-stall samples.
+mma), epilogue (after the last mma). Prints one row per region, the stall reasons (overall and per
+region, from the page's stall_* columns) and the instructions with the most stall samples.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import csv
 import gzip
 import io
 import sys
+from collections import Counter
 
 
 def _column(header: list[str], *needles: str) -> int | None:
@@ -54,7 +55,10 @@ def summarize(header: list[str], rows: list[list[str]]) -> dict:
         raise ValueError(f"expected Source, Instructions Executed and Warp Stall Sampling columns, got {header}")
     mma = [i for i, r in enumerate(rows) if any("MMA" in tok for tok in r[src].split()[:2])]
     first, last = (mma[0], mma[-1]) if mma else (len(rows), len(rows))
-    out = {name: {"static": 0, "executed": 0.0, "stalls": 0.0} for name in ("prologue", "main loop", "epilogue")}
+    reasons = [(i, name[len("stall_"):]) for i, name in enumerate(header)
+               if name.startswith("stall_") and "not issued" not in name.lower()]
+    out = {name: {"static": 0, "executed": 0.0, "stalls": 0.0, "reasons": Counter()}
+           for name in ("prologue", "main loop", "epilogue")}
     ranked = []
     for i, r in enumerate(rows):
         region = "prologue" if i < first else "main loop" if i <= last else "epilogue"
@@ -62,9 +66,16 @@ def summarize(header: list[str], rows: list[list[str]]) -> dict:
         out[region]["static"] += 1
         out[region]["executed"] += e
         out[region]["stalls"] += s
+        for col, reason in reasons:
+            out[region]["reasons"][reason] += _number(r[col])
         ranked.append((s, region, i, r[src].strip(), e))
     ranked.sort(reverse=True)
     return {"regions": out, "top": ranked}
+
+
+def _shares(counts: Counter, n: int) -> str:
+    tot = sum(counts.values()) or 1.0
+    return ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in counts.most_common(n) if v > 0)
 
 
 def main(argv=None) -> int:
@@ -86,6 +97,11 @@ def main(argv=None) -> int:
     for name, v in res["regions"].items():
         print(f"| {name} | {v['static']} | {v['executed']:.0f} | {100 * v['executed'] / tot_e:.1f} % "
               f"| {v['stalls']:.0f} | {100 * v['stalls'] / tot_s:.1f} % |")
+    overall = sum((v["reasons"] for v in res["regions"].values()), Counter())
+    if overall:
+        print("\nstall samples: " + _shares(overall, 8))
+        for name, v in res["regions"].items():
+            print(f"  {name}: " + _shares(v["reasons"], 4))
     print(f"\ntop {a.top} instructions by stall samples (samples, region, index, executed, SASS):")
     for s, region, i, text_, e in res["top"][: a.top]:
         print(f"  {s:6.0f}  {region:9s} #{i:<5d} x{e:<8.0f} {text_[:90]}")
