@@ -21,10 +21,12 @@
 // Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
 // each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
 // block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 16
-// warps x 2 16-row tiles = 512 rows (1 tile, 256 rows, at NJ = 8) over one K range; split-K partials are reduced deterministically
+// warps x 2 16-row tiles = 512 rows (8 warps x 2 at NJ = 6, 7; 16 warps x 1 at NJ = 8: 256 rows) over one K range; split-K partials are reduced deterministically
 // by the last block of each row range (same scheme and counters as decode_gemm.cu).
 //
-// Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 8} (M*r8 <= 16, 32, 64).
+// Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 6, 7, 8} (M*r8 <= 16, 32, 48,
+// 56, 64): the main loop at r = 49 is bound by shared-memory traffic, most of it Z fragments (one LDS.64
+// per column tile), so r8 = 56 runs 7 tiles rather than 8.
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 
@@ -52,16 +54,24 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t saddr) {
 }
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
-  return cols <= 16 ? 2 : cols <= 32 ? 4 : 8;
+  return cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 48 ? 6 : cols <= 56 ? 7 : 8;
 }
 size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
 size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 + z_bytes(nj, n_super); }
-// One block of 16 warps per SM (the 128-register cap x 512 threads fills the register file): the
-// table build, the Z staging and the epilogue are per-block costs, and the first profile (ncu, 4096x4096,
-// M = 1, 8-warp blocks) showed them at about twice the main loop's instructions. One larger block per
-// SM pays them once per 512 rows instead of once per 256.
-constexpr int kReWarps = 16;
-constexpr int kReThreads = kReWarps * 32;
+// One block per SM (the table build, the Z staging and the epilogue are per-block costs; the first
+// profile, ncu 4096x4096 M = 1 with 8-warp blocks, showed them at about twice the main loop's
+// instructions, so a block covers as many rows as the register file allows). Below 8 column tiles every
+// warp takes two 16-row tiles, which share each staged Z fragment. Up to 4 column tiles that fits 128
+// registers, so 16 warps; at 6 and 7 column tiles the accumulators (2 x NJ x 4) need more, so 8 warps of
+// up to 255 registers. The session-5 profile had r = 49 (then 16 warps of one row tile) throttled by
+// shared-memory traffic, 8 of its ~10 bytes per weight Z fragments: two row tiles per fragment halve those
+// (H100, session 6: 14336x4096 r = 49 M = 1, 39.5 -> 37.4 us). At 8 column tiles the same layout measured
+// slower (1024x4096 r = 12 M = 4: 11.4 -> 13.9 us; 4096x4096 r = 32 M = 2: 16.6 -> 17.1 us), so NJ = 8
+// keeps 16 warps of one row tile.
+template <int NJ>
+__host__ __device__ constexpr int re_warps() { return NJ == 6 || NJ == 7 ? 8 : 16; }
+template <int NJ>
+__host__ __device__ constexpr int re_threads() { return re_warps<NJ>() * 32; }
 // 224 KB: the 64 KB pair table must not shrink the superchunks a split may stage (at 160 KB the
 // r = 49 shapes went from 4 to 6 splits: 336 blocks, 2.5 waves, +6 % at M = 1 on the H100).
 constexpr size_t kReassocSmemCap = 224 * 1024;
@@ -80,19 +90,17 @@ size_t smem_cap() {
   return (size_t)cached[dev];
 }
 
-// Row tiles per warp: two share each staged Z fragment (half the Z loads per weight); one where the
-// accumulators of NJ = 8 column tiles would otherwise push the kernel past 128 registers.
 template <int NJ>
 __host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
 template <int NJ>
-__host__ __device__ constexpr int rows_per_block() { return kReWarps * 16 * row_tiles<NJ>(); }
+__host__ __device__ constexpr int rows_per_block() { return re_warps<NJ>() * 16 * row_tiles<NJ>(); }
 
 // FAST: K % 128 == 0 and 16-byte aligned x, qweight, A (vector_path_ok): no bounds checks or byte-wise
 // paths in the kernel at all, which the SASS of the generic version showed to be most of its main loop.
 // MAXM: the largest token count the epilogue handles (1 for the one-token launch: no per-token
 // selection, one shuffle pair per row).
 template <typename T, int BITS, int NJ, bool FAST, int MAXM>
-__global__ void __launch_bounds__(kReThreads, 1)
+__global__ void __launch_bounds__(re_threads<NJ>(), 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
                    int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
@@ -453,7 +461,7 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   }
   if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
   dim3 grid((unsigned)((a.N + rows_per_block<NJ>() - 1) / rows_per_block<NJ>()), (unsigned)a.splits);
-  kernel<<<grid, kReThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+  kernel<<<grid, re_threads<NJ>(), smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
                                            a.K, a.r, a.k_per_split);
@@ -468,6 +476,8 @@ Fn pick_nj(int nj) {
   switch (nj) {
     case 2: return run<T, BITS, 2>;
     case 4: return run<T, BITS, 4>;
+    case 6: return run<T, BITS, 6>;
+    case 7: return run<T, BITS, 7>;
     default: return run<T, BITS, 8>;
   }
 }
@@ -485,7 +495,9 @@ Fn pick_bits(int bits, int nj) {
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 
-int block_rows(int nj) { return nj >= 8 ? rows_per_block<8>() : rows_per_block<4>(); }
+int block_rows(int nj) { return nj >= 6 ? rows_per_block<8>() : rows_per_block<4>(); }
+static_assert(rows_per_block<6>() == rows_per_block<8>() && rows_per_block<7>() == rows_per_block<8>() &&
+              rows_per_block<2>() == rows_per_block<4>());
 
 // The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
 static long max_superchunks(int M, int r, int bits) {
