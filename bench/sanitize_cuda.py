@@ -17,6 +17,9 @@ for (M, N, K, r, bits, path) in [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 
     W = torch.ops.lords.dequant_cuda(q, B, A, cb)
     ref = reference.dequant_matmul(x.float(), q, B.float(), A.float(), cb, None)
     e = ((y.double() - ref.double()).norm() / ref.double().norm()).item(); worst = max(worst, e)
+    Wref = reference.dequant(q, B.float(), A.float(), cb).double()
+    for Wd in (W, torch.ops.lords.dequant_cuda(q, B, A, cb, 3)):  # 3 superchunks per block: partial last block
+        worst = max(worst, ((Wd.double() - Wref).norm() / Wref.norm()).item())
     print(M, N, K, r, bits, path, f"rel {e:.2e}")
 torch.cuda.synchronize()
 print("sanitize script done, worst rel", worst)

@@ -69,6 +69,7 @@ struct DequantArgs {
   void* W;
   long N, K;
   int r;
+  int superchunks;  // k superchunks (128) per block; 0: the kernel's choice
 };
 void dequant(const DequantArgs& a, cudaStream_t stream);
 

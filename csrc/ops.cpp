@@ -2,7 +2,8 @@
 //
 // The public ops (lords::dequant, lords::dequant_matmul) are defined in Python (lords_ext/_ops.py) so
 // the contract exists whether or not this extension was built; this file only adds backend ops:
-//   lords::dequant_cuda(qweight, B, A, codebook) -> W [N, K] in B.dtype (fp16/bf16)
+//   lords::dequant_cuda(qweight, B, A, codebook, superchunks=0) -> W [N, K] in B.dtype (fp16/bf16).
+//     superchunks: 128-wide k superchunks per block, 0 = the kernel's choice (for tuning).
 //   lords::dequant_matmul_cuda(x, qweight, B, A, codebook, bias=None, path=-1, splits=0) -> y [M, N]
 //     in x.dtype. path -1: automatic (re-associated kernel for M = 1 and 16 < r <= 64, else the fused
 //     decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
@@ -145,6 +146,11 @@ bool valid_weight(const at::Tensor& qweight, const at::Tensor& B, const at::Tens
   return true;
 }
 
+bool valid_superchunks(int64_t superchunks) {
+  LORDS_REQUIRE(superchunks >= 0 && superchunks <= 64, "superchunks: expected 0 (automatic) to 64, got ", superchunks);
+  return true;
+}
+
 int sm_count(const at::Device& device) {
   static std::mutex mu;
   static std::vector<int> per_device;
@@ -173,26 +179,27 @@ at::Tensor& counters_for(const at::Device& device) {
 // Inputs already validated. The scale mma runs in the output's 16-bit type; B and A in another dtype are
 // converted first (an extra copy).
 at::Tensor dequant_impl(const at::Tensor& qweight, const at::Tensor& B_in, const at::Tensor& A_in,
-                        const at::Tensor& codebook, at::ScalarType out_dtype, int bits) {
+                        const at::Tensor& codebook, at::ScalarType out_dtype, int bits, int superchunks = 0) {
   const at::Tensor B = B_in.to(out_dtype).contiguous();
   const at::Tensor A = A_in.to(out_dtype).contiguous();
   const int64_t N = B.size(0), K = A.size(1);
   auto W = at::empty({N, K}, B.options().dtype(out_dtype));
   DequantArgs a{dtype_of(W), bits, qweight.data_ptr<uint8_t>(), B.data_ptr(), A.data_ptr(), codebook.data_ptr(),
-                kind_of(codebook), W.data_ptr(), N, K, (int)B.size(1)};
+                kind_of(codebook), W.data_ptr(), N, K, (int)B.size(1), superchunks};
   dequant(a, c10::cuda::getCurrentCUDAStream());
   return W;
 }
 
 at::Tensor dequant_cuda(const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
-                        const at::Tensor& codebook) {
+                        const at::Tensor& codebook, int64_t superchunks) {
+  TORCH_CHECK(valid_superchunks(superchunks), t_error.c_str());
   TORCH_CHECK(qweight.is_cuda(), "qweight: expected a CUDA tensor");
   TORCH_CHECK(is_half_type(B.scalar_type()), "B: lords::dequant_cuda returns W in B.dtype and supports float16 "
               "or bfloat16, got ", dtype_str(B.scalar_type()));
   int bits = 0;
   TORCH_CHECK(valid_weight(qweight, B, A, codebook, qweight.device(), &bits), t_error.c_str());
   c10::cuda::CUDAGuard guard(qweight.device());
-  return dequant_impl(qweight, B, A, codebook, B.scalar_type(), bits);
+  return dequant_impl(qweight, B, A, codebook, B.scalar_type(), bits, (int)superchunks);
 }
 
 bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
@@ -286,7 +293,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
 }
 
 at::Tensor dequant_meta(const at::Tensor& qweight, const at::Tensor& B, const at::Tensor& A,
-                        const at::Tensor& codebook) {
+                        const at::Tensor& codebook, int64_t superchunks) {
   return at::empty({B.size(0), A.size(1)}, B.options());
 }
 
@@ -300,7 +307,7 @@ at::Tensor dequant_matmul_meta(const at::Tensor& x, const at::Tensor& qweight, c
 }  // namespace lords
 
 TORCH_LIBRARY_FRAGMENT(lords, m) {
-  m.def("dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook) -> Tensor");
+  m.def("dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook, int superchunks=0) -> Tensor");
   m.def(
       "dequant_matmul_cuda(Tensor x, Tensor qweight, Tensor B, Tensor A, Tensor codebook, Tensor? bias=None, "
       "int path=-1, int splits=0) -> Tensor");

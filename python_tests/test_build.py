@@ -134,7 +134,7 @@ def test_extension_loads_and_registers_ops():
     assert ext.__name__ == "lords_ext._C"
     schema = str(torch.ops.lords.dequant_matmul_cuda.default._schema)
     assert "Tensor? bias=None" in schema and "int path=-1" in schema and "int splits=0" in schema
-    assert "dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook)" in str(
+    assert "dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook, int superchunks=0)" in str(
         torch.ops.lords.dequant_cuda.default._schema)
     # The public ops stay the Python ones (lords_ext/_ops.py), whatever the extension did.
     import lords_ext  # noqa: F401

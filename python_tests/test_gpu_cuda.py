@@ -103,6 +103,27 @@ def test_odd_shapes_all_bits(M, N, K, r, bits, dtype):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("superchunks", [0, 1, 2, 3, 64])
+@pytest.mark.parametrize("N,K,r", [(4096, 4096, 32), (300, 1032, 49), (520, 8200, 100)])
+def test_dequant_every_block_depth(bits, superchunks, N, K, r):
+    """The dequant kernel's k range per block (superchunks of 128) is a tuning knob: every value,
+    including ones past K and ones that leave a partial last block, writes the same W."""
+    _, qweight, B, A, cb, _ = make(1, N, K, r, bits, seed=superchunks + 7 * bits)
+    poison(N * K * 4)
+    W = torch.ops.lords.dequant_cuda(qweight, B, A, cb, superchunks)
+    assert rel(W, reference.dequant(qweight, B.float(), A.float(), cb)) < TOL
+    if superchunks:
+        assert torch.equal(W, torch.ops.lords.dequant_cuda(qweight, B, A, cb, 0)), "depth changed the result"
+
+
+def test_dequant_rejects_bad_block_depth():
+    _, qweight, B, A, cb, _ = make(1, 256, 512, 8, 4)
+    for bad in (-1, 65):
+        with pytest.raises(RuntimeError, match=r"superchunks: expected 0 \(automatic\) to 64, got " + str(bad)):
+            torch.ops.lords.dequant_cuda(qweight, B, A, cb, bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_fused_and_cublas_paths_agree(bits, M):
     x, qweight, B, A, cb, bias = make(M, 1536, 2048, 32, bits, seed=7 * M + bits)

@@ -6,7 +6,8 @@ Ops it calls (registered by csrc/ops.cpp):
       tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
       re-associated kernel (M * ceil(r/8)*8 <= 64);
       splits 0: the kernel's own split-K plan (other values are for tuning).
-  torch.ops.lords.dequant_cuda(qweight, B, A, codebook) -> W in B.dtype (float16 / bfloat16).
+  torch.ops.lords.dequant_cuda(qweight, B, A, codebook, superchunks=0) -> W in B.dtype (float16 / bfloat16);
+    superchunks (128-wide k ranges per block) is a tuning knob, 0 = the kernel's choice.
 Both take any rank r up to 128 in one launch. `y = x @ (codebook[Q] * (B @ A)).T` is linear in
 `S = B @ A`, so a larger rank runs as a sum over rank chunks of 128 (W likewise).
 

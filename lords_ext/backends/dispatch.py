@@ -9,19 +9,26 @@ Order of decisions:
 
 POLICY rows are (minimum compute capability, largest M, largest rank r, backends in order of
 preference); None means no bound. The first row whose capability is <= the GPU's and whose bounds
-hold applies. The rows follow the H100 measurements of session 5 (bench/cuda_notes.md; `bash
-bench/run_h100.sh --quick`, CUDA graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank;
-bench/h100/bench_quick_session5_[ab].json), us per call, cuda vs triton:
+hold applies. The rows follow the H100 measurements of sessions 5 and 6 (bench/cuda_notes.md; CUDA
+graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank). Small M, `bash bench/run_h100.sh
+--quick` (bench/h100/bench_quick_session6_[ab].json), us per call, cuda vs triton:
 
-    4096x4096 r=32   M=1: 11.9 vs 22.5 | M=2: 14.4 vs 22.3 | M=4: 15.9 vs 22.3 | M=8: 19.4 vs 22.3 | M=16: 25.9 vs 22.8
-    1024x4096 r=12   M=1: 7.2 vs 8.7   | M=2: 8.2 vs 8.8   | M=4: 10.3 vs 8.6  | M=8: 14.3 vs 9.0
-    14336x4096 r=49  M=1: 43.2 vs 81.1 | M=2: 82.6 vs 81.6 | M=16: 97.9 vs 78.0 | M=4096: 874 vs 824
-    4096x14336 r=49  M=1: 39.8 vs 73.6 | M=2: 84.4 vs 74.4
+    4096x4096 r=32   M=1: 12.0 vs 22.4 | M=2: 14.6 vs 22.2 | M=4: 15.9 vs 22.2 | M=8: 19.1 vs 22.3 | M=16: 25.9 vs 24.4
+    1024x4096 r=12   M=1: 7.1 vs 8.7   | M=2: 8.3 vs 8.8   | M=4: 10.3 vs 8.7  | M=8: 14.2 vs 8.6
+    14336x4096 r=49  M=1: 37.9 vs 81.5 | M=2: 82.2 vs 81.5 | M=16: 97.5 vs 78.8
+    4096x14336 r=49  M=1: 35.5 vs 73.0 | M=2: 84.7 vs 74.5
 
-(CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu.) So CUDA leads
-for one token up to r = 64, for M <= 2 with r <= 32 and for M <= 8 with 16 < r <= 32; Triton
-everywhere else (its large-M path is a fused dequantize then cuBLAS). GPUs before sm_80 get no
-fused kernel.
+Larger M, `python -m bench.dequant_paths` (bench/h100/dequant_paths_session6.json): CUDA's dequantize +
+cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize + cuBLAS above):
+
+    4096x4096    M=64: 32.2 vs 27.6  | M=128: 34.9 vs 37.6  | M=256: 38.9 vs 46.4  | M=4096: 221.6 vs 229.7
+    1024x4096    M=64: 13.1 vs 12.4  | M=128: 14.1 vs 16.5  | M=256: 15.6 vs 18.0  | M=4096: 59.3 vs 58.1
+    14336x4096   M=64: 149.7 vs 101.2 | M=128: 151.5 vs 149.7 | M=256: 155.8 vs 160.3 | M=4096: 818.4 vs 832.4
+    4096x14336   M=64: 150.5 vs 91.0 | M=128: 154.9 vs 153.2 | M=256: 165.0 vs 170.0 | M=4096: 789.1 vs 796.3
+
+(CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
+csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 2 with r <= 32, for M <= 8
+with 16 < r <= 32, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = 
     ((8, 0), 2, 32, ("cuda", "triton", "reference")),
     ((8, 0), 8, 16, ("triton", "cuda", "reference")),
     ((8, 0), 8, 32, ("cuda", "triton", "reference")),
-    ((8, 0), None, None, ("triton", "cuda", "reference")),
+    ((8, 0), 64, None, ("triton", "cuda", "reference")),
+    ((8, 0), None, None, ("cuda", "triton", "reference")),
     ((0, 0), None, None, ("reference",)),
 ]
 

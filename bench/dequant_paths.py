@@ -1,0 +1,121 @@
+"""The dequantize pass and the "dequantize, then cuBLAS" path at larger M, side by side, on the H100.
+
+For each Llama-3-8B shape (4-bit NF4, parity rank for block 64), times in one process:
+* W = codebook[Q] * (B @ A) written once in bf16: the CUDA kernel at each block depth (`superchunks`
+  of 128 k per block; 0 = its own choice) and the Triton kernel, against a measured write floor (a
+  bf16 fill of the same N x K elements: the bytes the pass must write, without the code reads);
+* y = x @ W.T at M in --ms: the CUDA dequant + cuBLAS path (path 1), the Triton backend's own choice,
+  the public op (dispatch) and cuBLAS bf16 on a dense weight.
+Same timing method as bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per
+call); every LoRDS path is checked against the fp32 reference before it is timed.
+
+    python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench import methods, timing
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+DEPTHS = (0, 1, 2, 4)
+
+
+def _us(calls) -> float:
+    return timing.time_calls(calls, log=lambda *_: None).us
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="32,64,256,1024,4096")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "dequant_paths.json"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dequant_paths: needs a CUDA GPU")
+        return 0
+    import lords_ext
+    import lords_ext.backends.cuda as cuda_backend
+    from lords_ext.backends import triton_backend
+
+    if not cuda_backend.built():
+        print("dequant_paths: lords_ext._C not built:", cuda_backend.LOAD_ERROR)
+        return 1
+    dev = torch.device("cuda")
+    ms = [int(m) for m in a.ms.split(",") if m]
+    rows = []
+    for shape in a.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        lw = methods.LordsWeights(N, K, dev)
+        cb = lw.codebook
+        ref = lw.weight0()
+        rec = dict(N=N, K=K, r=lw.r, kind="dequant")
+        fills = [torch.empty(N, K, device=dev, dtype=torch.bfloat16) for _ in range(len(lw.copies))]
+        rec["write_floor_us"] = _us([lambda w=w: w.fill_(1.0) for w in fills])
+        del fills
+
+        def checked(name, fn):
+            W = fn(*lw.copies[0])
+            err = timing.rel_error(W, ref)
+            if not err < 1e-2:
+                raise AssertionError(f"{name}: rel err {err:.3g} at N={N} K={K}")
+            rec[f"{name}_us"] = _us([lambda s=s: fn(*s) for s in lw.copies])
+
+        for d in DEPTHS:
+            checked(f"cuda_sc{d}", lambda q, B, A, d=d: torch.ops.lords.dequant_cuda(q, B, A, cb, d))
+        checked("triton", lambda q, B, A: triton_backend.dequant(q, B, A, cb))
+        rows.append(rec)
+        print(f"{N}x{K} dequant: " + " ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.endswith("_us")),
+              flush=True)
+
+        dense = methods.cublas(N, K, dev)
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            yref = x.float() @ ref.T
+            mrec = dict(N=N, K=K, r=lw.r, M=M, kind="matmul", write_floor_us=rec["write_floor_us"])
+
+            def mm(name, fn):
+                y = fn(*lw.copies[0])
+                err = timing.rel_error(y, yref)
+                if not err < 2e-2:
+                    raise AssertionError(f"{name}: rel err {err:.3g} at N={N} K={K} M={M}")
+                mrec[f"{name}_us"] = _us([lambda s=s: fn(*s) for s in lw.copies])
+
+            mm("cuda_dequant_mm", lambda q, B, A: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 1, 0))
+            mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))
+            mm("op", lambda q, B, A: torch.ops.lords.dequant_matmul(x, q, B, A, cb, None))
+            mrec["cublas_us"] = _us([lambda w=w: F.linear(x, w) for w in dense.copies])
+            rows.append(mrec)
+            print(f"{N}x{K} M={M}: " + " ".join(f"{k}={v:.2f}" for k, v in mrec.items() if k.endswith("_us")),
+                  flush=True)
+        del lw, dense
+        torch.cuda.empty_cache()
+    assert lords_ext  # imported for the public op's registration
+
+    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| N x K (r) | write floor | " + " | ".join(f"cuda sc={d}" for d in DEPTHS) + " | triton | best / floor |")
+    print("|---|---|" + "---|" * (len(DEPTHS) + 2))
+    for d in (r for r in rows if r["kind"] == "dequant"):
+        best = min(d[f"cuda_sc{x}_us"] for x in DEPTHS)
+        print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['write_floor_us']:.2f} | "
+              + " | ".join(f"{d[f'cuda_sc{x}_us']:.2f}" for x in DEPTHS)
+              + f" | {d['triton_us']:.2f} | {best / d['write_floor_us']:.2f} |")
+    print("\n| N x K (r) | M | cuda dequant+mm | triton | op | cuBLAS | cuBLAS / cuda | cuBLAS / op |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in (r for r in rows if r["kind"] == "matmul"):
+        print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['cuda_dequant_mm_us']:.2f} | {d['triton_us']:.2f} | "
+              f"{d['op_us']:.2f} | {d['cublas_us']:.2f} | {d['cublas_us'] / d['cuda_dequant_mm_us']:.2f} | "
+              f"{d['cublas_us'] / d['op_us']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
