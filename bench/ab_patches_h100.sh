@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # One device call that A/B-tests kernel patches (bench/wip/*.patch) against the tree as it is: build and
 # time the tree, then for each patch in order (each on top of the previous ones) apply it, rebuild,
-# run the CUDA GPU tests of the re-associated kernel and the full-matrix checks, and time again.
-# The decode timings of every variant are printed side by side last (us, bench.decode_paths).
-#   bash bench/ab_patches_h100.sh bench/wip/reassoc-nj7.patch bench/wip/reassoc-w8.patch
-# About 100 s for the first build, then ~160 s per patch on the H100.
+# run the CUDA GPU tests selected by LORDS_AB_TESTS, and time again. The timings of every variant are
+# printed side by side last (us).
+#   bash bench/ab_patches_h100.sh bench/wip/decode-nt1.patch
+#   LORDS_AB_BENCH="dequant_paths --ms 256,4096" LORDS_AB_TESTS="dequant or odd or matrix" \
+#     bash bench/ab_patches_h100.sh bench/wip/dequant-bulk-store.patch
+# Environment: LORDS_AB_BENCH, the timing module and its arguments (default "decode_paths --ms
+# $LORDS_AB_MS", LORDS_AB_MS default 1,2,4); LORDS_AB_TESTS, a pytest -k expression over
+# test_gpu_cuda.py (default "reassoc or matrix"). About 100 s for the first build, then ~160 s per patch.
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
-MS="${LORDS_AB_MS:-1,2,4}"
-timeout 120 python3 -m bench.decode_paths --ms "$MS" --json "$OUT/dp_0_base.json" > "$OUT/dp_0_base.log" 2>&1
-echo "base timed"
+BENCH="${LORDS_AB_BENCH:-decode_paths --ms ${LORDS_AB_MS:-1,2,4}}"
+TESTS="${LORDS_AB_TESTS:-reassoc or matrix}"
+read -r -a BENCH_ARGS <<< "$BENCH"
+timeout 200 python3 -m "bench.${BENCH_ARGS[0]}" "${BENCH_ARGS[@]:1}" --json "$OUT/dp_0_base.json" > "$OUT/dp_0_base.log" 2>&1
+echo "base timed (rc=$?)"
 i=0
 for p in "$@"; do
   i=$((i + 1))
@@ -19,26 +25,11 @@ for p in "$@"; do
   if ! lords_build "$OUT/build_$tag.log"; then
     echo "$p: build FAILED"; tail -20 "$OUT/build_$tag.log"; break
   fi
-  timeout 150 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py -k "reassoc or matrix" \
+  timeout 150 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py -k "$TESTS" \
     > "$OUT/pytest_$tag.log" 2>&1
   rc=$?
   echo "$p: GPU tests rc=$rc ($(tail -n 1 "$OUT/pytest_$tag.log"))"
   [ $rc -ne 0 ] && { tail -n 30 "$OUT/pytest_$tag.log"; break; }
-  timeout 120 python3 -m bench.decode_paths --ms "$MS" --json "$OUT/dp_$tag.json" > "$OUT/dp_$tag.log" 2>&1
+  timeout 200 python3 -m "bench.${BENCH_ARGS[0]}" "${BENCH_ARGS[@]:1}" --json "$OUT/dp_$tag.json" > "$OUT/dp_$tag.log" 2>&1
 done
-python3 - "$OUT" <<'PY'
-import glob, json, os, sys
-files = sorted(glob.glob(os.path.join(sys.argv[1], "dp_*.json")))
-runs = {os.path.basename(f)[3:-5]: {(r["N"], r["K"], r["M"]): r for r in json.load(open(f))} for f in files}
-names = list(runs)
-keys = sorted({k for v in runs.values() for k in v}, key=lambda k: (k[0] * k[1], k[0], k[2]))
-print("\n| N x K | M | path | " + " | ".join(names) + " |")
-print("|---|---|---|" + "---|" * len(names))
-for k in keys:
-    for path in ("reassoc_us", "direct_us", "auto_us"):
-        vals = [runs[n].get(k, {}).get(path) for n in names]
-        if all(v is None for v in vals):
-            continue
-        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in vals)
-        print(f"| {k[0]}x{k[1]} | {k[2]} | {path[:-3]} | {cells} |")
-PY
+python3 bench/ab_table.py "$OUT"/dp_*.json
