@@ -23,6 +23,20 @@ from bench import methods, timing
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
 
+def cuda_ready(tool: str) -> int | None:
+    """None where a GPU and the built extension are there; otherwise says why and returns the exit code
+    (0 without a GPU: nothing to time; 1 with a GPU but no extension: a broken build)."""
+    if not torch.cuda.is_available():
+        print(f"{tool}: needs a CUDA GPU")
+        return 0
+    import lords_ext.backends.cuda as cuda_backend
+
+    if not cuda_backend.built():
+        print(f"{tool}: lords_ext._C not built:", cuda_backend.LOAD_ERROR)
+        return 1
+    return None
+
+
 def _time(c: methods.Contender, x: torch.Tensor) -> float:
     t = timing.time_calls([lambda s=s: c.call(s, x) for s in c.copies], log=lambda *_: None)
     return t.us
@@ -35,14 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="split-K sweep of the re-associated kernel")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "decode_paths.json"))
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decode_paths: needs a CUDA GPU")
-        return 0
-    import lords_ext.backends.cuda as cuda_backend
-
-    if not cuda_backend.built():
-        print("decode_paths: lords_ext._C not built:", cuda_backend.LOAD_ERROR)
-        return 1
+    if (rc := cuda_ready("decode_paths")) is not None:
+        return rc
     dev = torch.device("cuda")
     op = torch.ops.lords.dequant_matmul_cuda
     ms = [int(m) for m in a.ms.split(",")]

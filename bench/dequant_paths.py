@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import methods, timing
+from bench.decode_paths import SHAPES, cuda_ready
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 DEPTHS = (0, 1, 2, 4)
 
 
@@ -37,16 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "dequant_paths.json"))
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("dequant_paths: needs a CUDA GPU")
-        return 0
-    import lords_ext
-    import lords_ext.backends.cuda as cuda_backend
+    if (rc := cuda_ready("dequant_paths")) is not None:
+        return rc
+    import lords_ext  # noqa: F401  (registers the public op)
     from lords_ext.backends import triton_backend
 
-    if not cuda_backend.built():
-        print("dequant_paths: lords_ext._C not built:", cuda_backend.LOAD_ERROR)
-        return 1
     dev = torch.device("cuda")
     ms = [int(m) for m in a.ms.split(",") if m]
     rows = []
@@ -96,7 +91,6 @@ def main(argv=None) -> int:
                   flush=True)
         del lw, dense
         torch.cuda.empty_cache()
-    assert lords_ext  # imported for the public op's registration
 
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
