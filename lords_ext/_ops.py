@@ -82,8 +82,8 @@ def check_bias(bias: torch.Tensor | None, N: int, qweight: torch.Tensor) -> None
         raise ValueError(f"bias: expected device {qweight.device} (that of qweight), got {bias.device}")
 
 
-def _backend(op: str, t: torch.Tensor, M: int, rank: int):
-    return backends.get(dispatch.choose(op, t, M, rank))
+def _backend(op: str, t: torch.Tensor, M: int, rank: int, K: int):
+    return backends.get(dispatch.choose(op, t, M, rank, K))
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,7 +95,7 @@ def _c(t: torch.Tensor | None) -> torch.Tensor | None:
 @torch.library.impl(_lib, "dequant", "CompositeExplicitAutograd")
 def _dequant(qweight, B, A, codebook):
     check_weight(qweight, B, A, codebook)
-    return _backend("dequant", qweight, B.shape[0], B.shape[1]).dequant(_c(qweight), _c(B), _c(A), _c(codebook))
+    return _backend("dequant", qweight, B.shape[0], B.shape[1], A.shape[1]).dequant(_c(qweight), _c(B), _c(A), _c(codebook))
 
 
 @torch.library.register_fake("lords::dequant")
@@ -134,7 +134,7 @@ def _dequant_matmul(x, qweight, B, A, codebook, bias=None):
     x2d = x.reshape(-1, K).contiguous()
     if x2d.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], N))
-    y = _backend("dequant_matmul", x2d, x2d.shape[0], B.shape[1]).dequant_matmul(
+    y = _backend("dequant_matmul", x2d, x2d.shape[0], B.shape[1], A.shape[1]).dequant_matmul(
         x2d, _c(qweight), _c(B), _c(A), _c(codebook), _c(bias)
     )
     return y.reshape(*x.shape[:-1], N)
@@ -180,7 +180,7 @@ def _grad_x(grad_y, qweight, B, A, codebook):
     check_weight(qweight, B, A, codebook)
     check_activation(grad_y, "grad_y", B.shape[0], "N (out_features)", qweight)
     g = grad_y.reshape(-1, B.shape[0]).contiguous()
-    out = _backend("grad_x", g, g.shape[0], B.shape[1]).grad_x(g, _c(qweight), _c(B), _c(A), _c(codebook))
+    out = _backend("grad_x", g, g.shape[0], B.shape[1], A.shape[1]).grad_x(g, _c(qweight), _c(B), _c(A), _c(codebook))
     return out.reshape(*grad_y.shape[:-1], A.shape[1])
 
 
@@ -200,7 +200,7 @@ def _grad_scales(grad_y, x, qweight, B, A, codebook):
     x2d = x.reshape(-1, A.shape[1]).contiguous()
     if g.shape[0] != x2d.shape[0]:
         raise ValueError(f"grad_y, x: expected the same number of rows, got {g.shape[0]} and {x2d.shape[0]}")
-    grad_B, grad_A = _backend("grad_scales", g, g.shape[0], B.shape[1]).grad_scales(g, x2d, _c(qweight), _c(B), _c(A), _c(codebook))
+    grad_B, grad_A = _backend("grad_scales", g, g.shape[0], B.shape[1], A.shape[1]).grad_scales(g, x2d, _c(qweight), _c(B), _c(A), _c(codebook))
     return grad_B, grad_A
 
 

@@ -18,6 +18,17 @@ def test_policy_on_hopper(hopper, M, r, first):
     assert order[0] == first and order[-1] == "reference"
 
 
+@pytest.mark.parametrize("M,r", [(1, 32), (4, 32), (2, 12), (16, 32), (4096, 32), (4096, 100)])
+def test_k_off_the_superchunk_puts_triton_first(hopper, M, r):
+    """K = 576 (SmolLM2's hidden size) is no multiple of 128: the CUDA kernels would run their byte-wise
+    paths, so Triton goes first and CUDA right after it; K = 4096 keeps the measured order."""
+    full = dispatch.candidates(torch.device("cuda"), M, r, 4096)
+    odd = dispatch.candidates(torch.device("cuda"), M, r, 576)
+    assert odd[0] == "triton" and odd[1] == "cuda" and odd[-1] == "reference"
+    assert sorted(odd) == sorted(full)
+    assert full == dispatch.candidates(torch.device("cuda"), M, r)
+
+
 def test_policy_before_ampere(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert dispatch.candidates(torch.device("cuda"), 1, 8) == ("reference",)
@@ -40,9 +51,9 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
     calls = []
     real = dispatch._choose
 
-    def counting(op, t, M, rank):
+    def counting(op, t, M, rank, K=None):
         calls.append((op, M, rank))
-        return real(op, t, M, rank)
+        return real(op, t, M, rank, K)
 
     monkeypatch.setattr(dispatch, "_choose", counting)
     monkeypatch.delenv("LORDS_BACKEND", raising=False)
@@ -55,12 +66,15 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
     dispatch.choose("grad_x", x, 3, 8)                  # another op
     dispatch.choose("dequant_matmul", x.double(), 3, 8)  # another dtype
     assert len(calls) == 4
+    dispatch.choose("dequant_matmul", x, 3, 8, 576)     # K off the 128-wide superchunk: decided anew
+    dispatch.choose("dequant_matmul", x, 3, 8, 4096)    # a multiple of 128: the same answer as K unknown
+    assert len(calls) == 5
     monkeypatch.setenv("LORDS_BACKEND", "reference")    # the override is part of the key
-    assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference" and len(calls) == 5
+    assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference" and len(calls) == 6
     monkeypatch.setenv("LORDS_BACKEND", "triton")        # errors are raised again, never cached
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="LORDS_BACKEND=triton"):
             dispatch.choose("dequant_matmul", x, 3, 8)
-    assert len(calls) == 7
+    assert len(calls) == 8
     dispatch.clear_cache()

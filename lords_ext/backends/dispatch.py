@@ -6,6 +6,8 @@ Order of decisions:
 2. CPU tensors run on the reference backend (Triton only when forced and TRITON_INTERPRET=1).
 3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
    token count M that is available and supports the call; the reference backend closes every list.
+   Where K (the weight's input features) is not a multiple of 128, Triton goes before CUDA
+   (CUDA_K_MULTIPLE below).
 
 POLICY rows are (minimum compute capability, largest M, largest rank r, backends in order of
 preference); None means no bound. The first row whose capability is <= the GPU's and whose bounds
@@ -60,12 +62,23 @@ def forced() -> str | None:
     return value
 
 
-def candidates(device: torch.device, M: int, rank: int | None = None) -> tuple[str, ...]:
+# The CUDA kernels' fast paths (16-byte code loads, full-line stores of the dequant tiles) need K to be a
+# multiple of the 128-wide superchunk (csrc/lords_tile.cuh, vector_path_ok); other K run byte-wise paths
+# that the SASS shows to be most of the main loop, and those POLICY rows were measured with K % 128 == 0
+# only. Where K is not a multiple, Triton (masked vector loads) goes before CUDA.
+CUDA_K_MULTIPLE = 128
+
+
+def candidates(device: torch.device, M: int, rank: int | None = None, K: int | None = None) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)
     cc = torch.cuda.get_device_capability(device)
     for min_cc, max_m, max_r, order in POLICY:
         if cc >= min_cc and (max_m is None or M <= max_m) and (max_r is None or (rank or 0) <= max_r):
+            if K is not None and K % CUDA_K_MULTIPLE and "cuda" in order and "triton" in order:
+                rest = [n for n in order if n != "cuda"]
+                rest.insert(rest.index("triton") + 1, "cuda")
+                order = tuple(rest)
             return order
     return ("reference",)
 
@@ -73,19 +86,20 @@ def candidates(device: torch.device, M: int, rank: int | None = None) -> tuple[s
 _chosen: dict = {}
 
 
-def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None) -> str:
-    """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows and
-    scale rank `rank`.
+def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | None = None) -> str:
+    """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows, scale
+    rank `rank` and K input features (the weight's columns).
 
-    Answers are cached per (op, device, dtype, M, rank, LORDS_BACKEND, TRITON_INTERPRET): the
+    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, LORDS_BACKEND, TRITON_INTERPRET): the
     decision reads the GPU's properties several times, which cost ~60 us of host time per op call
     on the H100 machine (bench/host_overhead.py), as much as a small layer's kernels. Errors are
     not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
     env = os.environ
-    key = (op, t.device, t.dtype, M, rank, env.get(ENV), env.get("TRITON_INTERPRET"))
+    k_full = K is None or K % CUDA_K_MULTIPLE == 0
+    key = (op, t.device, t.dtype, M, rank, k_full, env.get(ENV), env.get("TRITON_INTERPRET"))
     name = _chosen.get(key)
     if name is None:
-        name = _choose(op, t, M, rank)
+        name = _choose(op, t, M, rank, K)
         if len(_chosen) > 4096:  # many distinct token counts (generation with growing batches)
             _chosen.clear()
         _chosen[key] = name
@@ -96,7 +110,7 @@ def clear_cache() -> None:
     _chosen.clear()
 
 
-def _choose(op: str, t: torch.Tensor, M: int, rank: int | None) -> str:
+def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = None) -> str:
     name = forced()
     if name is not None:
         mod = get(name)
@@ -107,7 +121,7 @@ def _choose(op: str, t: torch.Tensor, M: int, rank: int | None) -> str:
                 f"{ENV}={name}: that backend does not support {op} for a {t.dtype} tensor on {t.device} (M={M})"
             )
         return name
-    for name in candidates(t.device, M, rank):
+    for name in candidates(t.device, M, rank, K):
         mod = get(name)
         if mod is not None and hasattr(mod, op) and mod.available() and mod.supports(op, t, M):
             return name
@@ -125,6 +139,7 @@ def describe(device: torch.device | None = None) -> str:
     for r in (32, 64):
         for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096):
             lines.append(f"  dequant_matmul r={r:<3d} M={M:<5d} -> {choose('dequant_matmul', probe, M, r)}")
+    lines.append(f"  (K a multiple of {CUDA_K_MULTIPLE}; otherwise Triton before CUDA)")
     if forced():
         lines.append(f"(forced by {ENV}={forced()})")
     return "\n".join(lines)
