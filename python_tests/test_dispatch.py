@@ -78,3 +78,30 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
             dispatch.choose("dequant_matmul", x, 3, 8)
     assert len(calls) == 8
     dispatch.clear_cache()
+
+
+def test_public_ops_pass_k_to_the_dispatch(monkeypatch):
+    """The K rule needs the weight's input features from every public op (A.shape[1], odd here)."""
+    import lords_ext  # noqa: F401  (registers torch.ops.lords.*)
+    from lords_ext.formats import get_codebook, pack
+
+    seen = []
+    real = dispatch.choose
+
+    def spy(op, t, M, rank=None, K=None):
+        seen.append((op, M, rank, K))
+        return real(op, t, M, rank, K)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    monkeypatch.delenv("LORDS_BACKEND", raising=False)
+    N, K, r = 24, 40, 3
+    codes = torch.randint(0, 16, (N, K))
+    q, cb = pack(codes, 4), get_codebook("nf4")[0]
+    B = torch.rand(N, r, requires_grad=True)
+    A = torch.rand(r, K, requires_grad=True)
+    x = torch.randn(5, K, requires_grad=True)
+    torch.ops.lords.dequant(q, B.detach(), A.detach(), cb)
+    torch.ops.lords.dequant_matmul(x, q, B, A, cb, None).sum().backward()
+    ops = {op: (M, rank, k) for op, M, rank, k in seen}
+    assert ops["dequant"] == (N, r, K) and ops["dequant_matmul"] == (5, r, K)
+    assert ops["grad_x"][2] == K and ops["grad_scales"][2] == K
