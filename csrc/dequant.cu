@@ -5,7 +5,8 @@
 // (2 bytes per weight) is the cheap part). The scale tile is rebuilt on tensor cores exactly as in the
 // decode kernel (see lords_tile.cuh: same k-permutation, same staged A, same fragments), so the two
 // kernels compute bit-identical W. With that permutation a lane ends up holding 32 consecutive
-// weights of each of its two rows per superchunk, written 16 bytes (two k-tiles) at a time.
+// weights of each of its two rows per superchunk, 16 bytes (two k-tiles) at a time; they leave the
+// block through shared memory as whole rows (FAST below).
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4, 8}.
 #include "lords_kernels.h"
@@ -25,9 +26,10 @@ namespace {
 // * more warps in flight (one 16-row tile per warp: 64 registers, 4 blocks of 8 warps per SM up to
 //   r = 32; the next superchunk's codes loaded while the current one is decoded): 4096x4096 47.7 ->
 //   47.5 us, 14336x4096 (r = 49) 232 -> 182 us (bench/dequant_paths.py);
-// * full-line stores through shared memory (FAST below): 47.7 -> 21.7 us and 195 -> 101 us
-//   (an experiment build with a run-time store switch, not kept; bench/cuda_notes.md "Session 6"), against
-//   12.0 / 37.5 us for a bf16 fill of W and 12.8 / 55.9 us for the kernel with its stores removed. What is left at r = 49 is the scale mmas and look-ups themselves.
+// * full-line stores through shared memory (FAST below): 47.7 -> 21.7 us and 195 -> 101 us (an
+//   experiment build with a run-time store switch, not kept; bench/cuda_notes.md "Session 6"), against
+//   12.0 / 37.5 us for a bf16 fill of W and 12.8 / 55.9 us for the kernel with its stores removed.
+//   What is left at r = 49 is the scale mmas and look-ups themselves.
 constexpr int kDqWarps = 8;
 constexpr int kDqThreads = kDqWarps * 32;
 constexpr int kDqRows = kDqWarps * 16;  // rows per block: one 16-row tile per warp
