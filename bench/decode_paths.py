@@ -37,6 +37,15 @@ def cuda_ready(tool: str) -> int | None:
     return None
 
 
+def checked_us(fn, copies, ref: torch.Tensor, tol: float, what: str) -> tuple[float, float]:
+    """(us per call, relative error): fn(*copies[0]) is checked against ref first (AssertionError naming
+    `what` past tol), then fn is timed over every weight copy (rotated past L2)."""
+    err = timing.rel_error(fn(*copies[0]), ref)
+    if not err < tol:
+        raise AssertionError(f"{what}: rel err {err:.3g}")
+    return timing.time_calls([lambda s=s: fn(*s) for s in copies], log=lambda *_: None).us, err
+
+
 def _time(c: methods.Contender, x: torch.Tensor) -> float:
     t = timing.time_calls([lambda s=s: c.call(s, x) for s in c.copies], log=lambda *_: None)
     return t.us
@@ -73,14 +82,8 @@ def main(argv=None) -> int:
             rec = dict(N=N, K=K, r=lw.r, M=M, floor_us=floor)
 
             def lords_path(path, splits=0):
-                def call(s, x):
-                    q, B, A = s
-                    return op(x, q, B, A, cb, None, path, splits)
-                y = call(lw.copies[0], x)
-                err = timing.rel_error(y, yref)
-                if not err < 2e-2:
-                    raise AssertionError(f"path {path} splits {splits}: rel err {err:.3g} at N={N} K={K} M={M}")
-                return timing.time_calls([lambda s=s: call(s, x) for s in lw.copies], log=lambda *_: None).us, err
+                return checked_us(lambda q, B, A: op(x, q, B, A, cb, None, path, splits), lw.copies, yref, 2e-2,
+                                  f"path {path} splits {splits} at N={N} K={K} M={M}")
 
             rec["direct_us"], rec["direct_err"] = lords_path(0)
             fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4

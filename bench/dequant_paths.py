@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import methods, timing
-from bench.decode_paths import SHAPES, cuda_ready
+from bench.decode_paths import SHAPES, checked_us, cuda_ready
 
 DEPTHS = (0, 1, 2, 4)
 
@@ -56,11 +56,7 @@ def main(argv=None) -> int:
         del fills
 
         def checked(name, fn):
-            W = fn(*lw.copies[0])
-            err = timing.rel_error(W, ref)
-            if not err < 1e-2:
-                raise AssertionError(f"{name}: rel err {err:.3g} at N={N} K={K}")
-            rec[f"{name}_us"] = _us([lambda s=s: fn(*s) for s in lw.copies])
+            rec[f"{name}_us"] = checked_us(fn, lw.copies, ref, 1e-2, f"{name} at N={N} K={K}")[0]
 
         for d in DEPTHS:
             checked(f"cuda_sc{d}", lambda q, B, A, d=d: torch.ops.lords.dequant_cuda(q, B, A, cb, d))
@@ -76,11 +72,7 @@ def main(argv=None) -> int:
             mrec = dict(N=N, K=K, r=lw.r, M=M, kind="matmul", write_floor_us=rec["write_floor_us"])
 
             def mm(name, fn):
-                y = fn(*lw.copies[0])
-                err = timing.rel_error(y, yref)
-                if not err < 2e-2:
-                    raise AssertionError(f"{name}: rel err {err:.3g} at N={N} K={K} M={M}")
-                mrec[f"{name}_us"] = _us([lambda s=s: fn(*s) for s in lw.copies])
+                mrec[f"{name}_us"] = checked_us(fn, lw.copies, yref, 2e-2, f"{name} at N={N} K={K} M={M}")[0]
 
             mm("cuda_dequant_mm", lambda q, B, A: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 1, 0))
             mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))

@@ -1,0 +1,17 @@
+"""bench.decode_paths.checked_us: a wrong result is refused before anything is timed."""
+import pytest
+import torch
+
+from bench.decode_paths import checked_us
+
+
+def test_wrong_result_is_refused_before_timing(monkeypatch):
+    from bench import timing
+
+    timed = []
+    monkeypatch.setattr(timing, "time_calls", lambda *a, **k: timed.append(a))
+    ref = torch.randn(8, 8)
+    copies = [(ref,), (ref.clone(),)]
+    with pytest.raises(AssertionError, match=r"path 0 at N=8: rel err 1"):
+        checked_us(lambda w: w * 2.0, copies, ref, 2e-2, "path 0 at N=8")
+    assert timed == []
