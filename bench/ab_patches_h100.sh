@@ -7,14 +7,28 @@
 #   LORDS_AB_BENCH="dequant_paths --ms 256,4096" LORDS_AB_TESTS="dequant or odd or matrix" \
 #     bash bench/ab_patches_h100.sh bench/wip/dequant-bulk-store.patch
 # Environment: LORDS_AB_BENCH, the timing module and its arguments (default "decode_paths --ms
-# $LORDS_AB_MS", LORDS_AB_MS default 1,2,4); LORDS_AB_TESTS, a pytest -k expression over
+# $LORDS_AB_MS", LORDS_AB_MS default 1,2,4), several separated by ";" (their records are merged per
+# variant); LORDS_AB_TESTS, a pytest -k expression over
 # test_gpu_cuda.py (default "reassoc or matrix"). About 100 s for the first build, then ~160 s per patch.
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 BENCH="${LORDS_AB_BENCH:-decode_paths --ms ${LORDS_AB_MS:-1,2,4}}"
 TESTS="${LORDS_AB_TESTS:-reassoc or matrix}"
-read -r -a BENCH_ARGS <<< "$BENCH"
-timeout 200 python3 -m "bench.${BENCH_ARGS[0]}" "${BENCH_ARGS[@]:1}" --json "$OUT/dp_0_base.json" > "$OUT/dp_0_base.log" 2>&1
-echo "base timed (rc=$?)"
+IFS=';' read -r -a BENCHES <<< "$BENCH"
+# time_variant TAG: every timing module of $BENCH, merged into $OUT/dp_TAG.json (log dp_TAG.log).
+time_variant() {
+  local j=0 parts=() args
+  for b in "${BENCHES[@]}"; do
+    j=$((j + 1))
+    read -r -a args <<< "$b"
+    timeout 200 python3 -m "bench.${args[0]}" "${args[@]:1}" --json "$OUT/part_$1_$j.json" >> "$OUT/dp_$1.log" 2>&1
+    echo "$1: ${args[0]} rc=$?"
+    parts+=("$OUT/part_$1_$j.json")
+  done
+  python3 -c 'import json,os,sys; json.dump(sum((json.load(open(p)) for p in sys.argv[2:] if os.path.exists(p)), []), open(sys.argv[1], "w"))' \
+    "$OUT/dp_$1.json" "${parts[@]}"
+  rm -f "${parts[@]}"
+}
+time_variant 0_base
 i=0
 for p in "$@"; do
   i=$((i + 1))
@@ -30,6 +44,6 @@ for p in "$@"; do
   rc=$?
   echo "$p: GPU tests rc=$rc ($(tail -n 1 "$OUT/pytest_$tag.log"))"
   [ $rc -ne 0 ] && { tail -n 30 "$OUT/pytest_$tag.log"; break; }
-  timeout 200 python3 -m "bench.${BENCH_ARGS[0]}" "${BENCH_ARGS[@]:1}" --json "$OUT/dp_$tag.json" > "$OUT/dp_$tag.log" 2>&1
+  time_variant "$tag"
 done
 python3 bench/ab_table.py "$OUT"/dp_*.json

@@ -37,9 +37,18 @@ size_t stage_bytes(int rt, int mt, long n_super, int dtype_bytes) {
   return (size_t)n_super * ((size_t)rt * 16 * kSuper * dtype_bytes + (size_t)mt * 8 * 32 * sizeof(uint2));
 }
 
-// Two blocks per SM while the B fragments fit in 128 registers (r <= 32); one above, to avoid spills.
+// Row tiles per warp and blocks per SM. Up to r = 32 a warp takes two 16-row tiles (each staged A fragment
+// serves both) and two blocks of 8 warps fit per SM. From r = 33 the B fragments and accumulators of two
+// tiles need ~165 registers, which left one block of 8 warps per SM: the dequant kernel, the same tile
+// work with the same dependent chain per tile, went from 232 to 182 us on 14336x4096 (r = 49, H100,
+// session 6) with one tile per warp and two blocks per SM; the same is done here from RT = 4.
 template <int RT>
-constexpr int blocks_per_sm() { return RT >= 4 ? 1 : 2; }
+__host__ __device__ constexpr int row_tiles() { return RT >= 4 ? 1 : 2; }
+template <int RT>
+__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * row_tiles<RT>(); }
+template <int RT>
+constexpr int blocks_per_sm() { return RT >= 8 ? 1 : 2; }
+long rows_for_rank(int r) { return rank_chunks(r) >= 4 ? rows_per_block<4>() : rows_per_block<1>(); }
 
 // PAIRS (4-bit only): look-ups through a 64 KB pair table in front of the staged operands
 // (weight_frag_pairs in lords_tile.cuh); chosen where the table fits beside the blocks' staging.
@@ -55,17 +64,18 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   __shared__ float lut[16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const long block_row0 = (long)blockIdx.x * kRowsPerBlock;
-  const long warp_row0 = block_row0 + (long)warp * 16 * kNT;
+  constexpr int NT = row_tiles<RT>();  // 16-row tiles per warp
+  const long block_row0 = (long)blockIdx.x * rows_per_block<RT>();
+  const long warp_row0 = block_row0 + (long)warp * 16 * NT;
   const int split = blockIdx.y, splits = gridDim.y;
   const long k0 = (long)split * kc;
   const int nsc = (int)((min_l(K - k0, kc) + kSuper - 1) / kSuper);
   const long row_bytes = K * BITS / 8;
 
-  auto load_codes = [&](Codes<BITS> (&c)[kNT][2], int sc) {
+  auto load_codes = [&](Codes<BITS> (&c)[NT][2], int sc) {
     const long kf = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const long n = warp_row0 + nt * 16 + g + 8 * hh;
@@ -77,13 +87,13 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   };
 
   // Codes of the first superchunk go out first: their DRAM latency overlaps the staging below.
-  Codes<BITS> cur[kNT][2], nxt[kNT][2];
+  Codes<BITS> cur[NT][2], nxt[NT][2];
   load_codes(nxt, 0);
 
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
-  uint32_t bf[kNT][RT][4];
+  uint32_t bf[NT][RT][4];
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) load_B_frags<T, RT>(bf[nt], Bm, N, r, warp_row0 + nt * 16, lane);
+  for (int nt = 0; nt < NT; ++nt) load_B_frags<T, RT>(bf[nt], Bm, N, r, warp_row0 + nt * 16, lane);
   stage_A<T, RT>(astage, A, r, K, k0, nsc * kSuper, fast);
   // x^T operands of the block's K range, in fragment order: entry ((sc*8 + s)*MT + mt)*32 + lane holds
   // x[mt*8 + g, k .. k+3] for k = k0 + 128 sc + 32t + 4s (zero past M or K). Staged once, so the main
@@ -125,9 +135,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   [[maybe_unused]] const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
   [[maybe_unused]] const uint32_t lane8 = 8u * lane;
 
-  float acc[kNT][MT][4];
+  float acc[NT][MT][4];
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -135,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
 
   for (int sc = 0; sc < nsc; ++sc) {
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
       cur[nt][0] = nxt[nt][0];
       cur[nt][1] = nxt[nt][1];
     }
@@ -151,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
       for (int c = 0; c < RT; ++c)
         af[c] = *reinterpret_cast<const uint4*>(astage + ((((long)sc * 8 + s) * RT + c) * 32 + lane) * 8);
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
+      for (int nt = 0; nt < NT; ++nt) {
         uint32_t wf[4];
         if constexpr (PAIRS)
           weight_frag_pairs<T, RT>(wf, bf[nt], af, cur[nt][0], cur[nt][1], table, lane8, s);
@@ -166,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   // acc[nt][mt][i]: row warp_row0 + nt*16 + g + 8*(i/2), token mt*8 + 2t + (i%2).
   if (splits == 1) {
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -183,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
   }
 
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -193,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
         if (n < N && m < M) ws[((long)split * M + m) * N + n] = acc[nt][mt][i];
       }
   if (arrive_last(&counters[blockIdx.x], splits))
-    reduce_splits<T>(ws, y, bias, bias_kind, M, N, block_row0, (int)min_l(kRowsPerBlock, N - block_row0), splits,
+    reduce_splits<T>(ws, y, bias, bias_kind, M, N, block_row0, (int)min_l(rows_per_block<RT>(), N - block_row0), splits,
                      &counters[blockIdx.x]);
 }
 
@@ -246,7 +256,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream, size_t smem, bool fast) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm: ") + cudaGetErrorString(e));
   }
-  dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.splits);
+  dim3 grid((unsigned)((a.N + rows_per_block<RT>() - 1) / rows_per_block<RT>()), (unsigned)a.splits);
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
@@ -295,7 +305,7 @@ bool vector_path_ok(long K, const void* const* ptrs, int n_ptrs) {
 }
 
 DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int want) {
-  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const long n_blocks = (N + rows_for_rank(r) - 1) / rows_for_rank(r);
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
@@ -310,8 +320,8 @@ DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes
 
 DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms) {
   // Fill the resident-block slots once rather than leave a tail wave.
-  const long n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  const long slots = (long)(rank_chunks(r) >= 4 ? 1 : 2) * sms;
+  const long n_blocks = (N + rows_for_rank(r) - 1) / rows_for_rank(r);
+  const long slots = (long)(rank_chunks(r) >= 8 ? 1 : 2) * sms;
   return decode_plan_with_splits(N, K, r, M, dtype_bytes, (int)std::max<long>(1, slots / n_blocks));
 }
 
