@@ -20,6 +20,12 @@ graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank). Small M, `bash b
     14336x4096 r=49  M=1: 37.9 vs 81.5 | M=2: 82.2 vs 81.5 | M=16: 97.5 vs 78.8
     4096x14336 r=49  M=1: 35.5 vs 73.0 | M=2: 84.7 vs 74.5
 
+Session 7 gave the direct kernel one row tile per warp from r = 33 (`bench.decode_paths`,
+bench/h100/decode_paths_session7_ab_1_decode-nt1.json), CUDA now, against the Triton figures above:
+
+    14336x4096 r=49  M=2: 72.2 vs 81.5 | M=8: 75.6 vs 81.3 | M=16: 85.7 vs 78.8
+    4096x14336 r=49  M=2: 71.3 vs 74.5 | M=8: 77.7 vs 73.8 | M=16: 90.7 vs 75.2
+
 Larger M, `python -m bench.dequant_paths` (bench/h100/dequant_paths_session6.json): CUDA's dequantize +
 cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize + cuBLAS above):
 
@@ -29,7 +35,7 @@ cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize 
     4096x14336   M=64: 150.5 vs 91.0 | M=128: 154.9 vs 153.2 | M=256: 165.0 vs 170.0 | M=4096: 789.1 vs 796.3
 
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
-csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 2 with r <= 32, for M <= 8
+csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 2 with r <= 64, for M <= 8
 with 16 < r <= 32, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
@@ -44,7 +50,7 @@ ENV = "LORDS_BACKEND"
 
 POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
     ((8, 0), 1, 64, ("cuda", "triton", "reference")),
-    ((8, 0), 2, 32, ("cuda", "triton", "reference")),
+    ((8, 0), 2, 64, ("cuda", "triton", "reference")),
     ((8, 0), 8, 16, ("triton", "cuda", "reference")),
     ((8, 0), 8, 32, ("cuda", "triton", "reference")),
     ((8, 0), 64, None, ("triton", "cuda", "reference")),
