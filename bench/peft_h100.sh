@@ -10,7 +10,9 @@
 #   bash bench/peft_h100.sh paired    # 4-bit step times side by side (--paired-steps 40) + step profiles
 #   bash bench/peft_h100.sh compiled  # 4-bit steps with the training forward under torch.compile (inductor),
 #                                     # both methods, + step profiles (compile time on the H100 host not yet known)
-# JSON and logs go to $OUT; the result tables are printed last.
+#   bash bench/peft_h100.sh graphs    # the same under torch.compile(mode="reduce-overhead"): CUDA graphs
+# JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
+# a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -53,7 +55,13 @@ case "${1:-profile}" in
   compiled)
     # the steps are host-bound (Python, autograd, launches): compiled steps compare the kernels' work
     $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile inductor \
-      --budget-s 480 --out "$OUT/peft4_compiled.json" 2>&1 | tee "$OUT/peft4_compiled.log"
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_compiled.json" 2>&1 | tee "$OUT/peft4_compiled.log"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled)"; exit 2 ;;
+  graphs)
+    # the same with CUDA graphs of the compiled training forward and backward (reduce-overhead): the
+    # host's Python, autograd and launch costs leave the step for both methods
+    $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile reduce-overhead \
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_graphs.json" 2>&1 | tee "$OUT/peft4_graphs.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs)"; exit 2 ;;
 esac
