@@ -26,6 +26,11 @@ bench/h100/decode_paths_session7_ab_1_decode-nt1.json), CUDA now, against the Tr
     14336x4096 r=49  M=2: 72.2 vs 81.5 | M=8: 75.6 vs 81.3 | M=16: 85.7 vs 78.8
     4096x14336 r=49  M=2: 71.3 vs 74.5 | M=8: 77.7 vs 73.8 | M=16: 90.7 vs 75.2
 
+and the session-7 suite (bench/h100/bench_quick_session7.json), cuda vs triton, both in one run:
+
+    14336x4096 r=49  M=2: 72.2 vs 81.6 | M=4: 73.1 vs 80.2 | M=8: 75.5 vs 80.8 | M=16: 85.2 vs 78.4
+    4096x14336 r=49  M=2: 70.9 vs 74.5 | M=4: 73.1 vs 73.2 | M=8: 76.9 vs 74.4 | M=16: 90.5 vs 73.5
+
 Larger M, `python -m bench.dequant_paths` (bench/h100/dequant_paths_session6.json): CUDA's dequantize +
 cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize + cuBLAS above):
 
@@ -35,8 +40,8 @@ cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize 
     4096x14336   M=64: 150.5 vs 91.0 | M=128: 154.9 vs 153.2 | M=256: 165.0 vs 170.0 | M=4096: 789.1 vs 796.3
 
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
-csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 2 with r <= 64, for M <= 8
-with 16 < r <= 32, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
+csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 4 with 16 < r <= 64 (and M <= 2
+below), for M <= 8 with 16 < r <= 32, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = 
     ((8, 0), 2, 64, ("cuda", "triton", "reference")),
     ((8, 0), 8, 16, ("triton", "cuda", "reference")),
     ((8, 0), 8, 32, ("cuda", "triton", "reference")),
+    ((8, 0), 4, 64, ("cuda", "triton", "reference")),
     ((8, 0), 64, None, ("triton", "cuda", "reference")),
     ((8, 0), None, None, ("cuda", "triton", "reference")),
     ((0, 0), None, None, ("reference",)),
