@@ -11,6 +11,7 @@
 #   bash bench/peft_h100.sh compiled  # 4-bit steps with the training forward under torch.compile (inductor),
 #                                     # both methods, + step profiles (compile time on the H100 host not yet known)
 #   bash bench/peft_h100.sh graphs    # the same under torch.compile(mode="reduce-overhead"): CUDA graphs
+#   bash bench/peft_h100.sh graphs100 # CUDA-graph steps, 100 steps, seed 1, + QLoRA rank 16
 # JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
 # a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
@@ -63,5 +64,11 @@ case "${1:-profile}" in
     $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile reduce-overhead \
       --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_graphs.json" 2>&1 | tee "$OUT/peft4_graphs.log"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs)"; exit 2 ;;
+  graphs100)
+    # CUDA-graph steps over a full 100-step run (seed 1) with QLoRA's usual rank 16 as well: step time
+    # and the eval loss after training, in the mode where the host is out of the step
+    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --compile reduce-overhead \
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_graphs100.json" 2>&1 | tee "$OUT/peft4_graphs100.log"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100)"; exit 2 ;;
 esac
