@@ -134,25 +134,16 @@ __global__ void __launch_bounds__(kDqThreads, dq_blocks_per_sm<RT>())
   }
 }
 
-int sm_count_cached() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    cached[dev] = 132;
-  return cached[dev];
-}
-
 // Superchunks per block: `requested` where given (benchmarks sweep it); otherwise the most (up to 4) that
 // still leave one full wave of resident blocks, so the prologue is amortized without idle SMs. At most
 // what keeps the staged A slice and the store tiles within 96 KB (every sm_80+ GPU allows that much).
 template <typename T, int RT>
-long superchunks_per_block(long N, long k_super, int requested) {
+long superchunks_per_block(long N, long k_super, int requested, int sms) {
   const long a_bytes = (96 * 1024) - (long)kDqWarps * kStageBytesPerWarp;
   const long most = min_l(k_super, std::max<long>(1, a_bytes / ((long)RT * 16 * kSuper * sizeof(T))));
   if (requested > 0) return min_l(most, requested);
   const long row_blocks = (N + kDqRows - 1) / kDqRows;
-  const long wave = (long)sm_count_cached() * dq_blocks_per_sm<RT>();
+  const long wave = (long)sms * dq_blocks_per_sm<RT>();
   long sc = min_l(most, 4);
   while (sc > 1 && row_blocks * ((k_super + sc - 1) / sc) < wave) sc /= 2;
   return sc;
@@ -178,7 +169,7 @@ void launch(const DequantArgs& a, cudaStream_t stream, long sc_per) {
 template <typename T, int BITS, int RT>
 void run(const DequantArgs& a, cudaStream_t stream) {
   const long k_super = (a.K + kSuper - 1) / kSuper;
-  const long sc_per = superchunks_per_block<T, RT>(a.N, k_super, a.superchunks);
+  const long sc_per = superchunks_per_block<T, RT>(a.N, k_super, a.superchunks, a.sms);
   const void* ptrs[] = {a.qweight, a.A, a.W};
   if (vector_path_ok(a.K, ptrs, 3))
     launch<T, BITS, RT, true>(a, stream, sc_per);

@@ -70,6 +70,7 @@ struct DequantArgs {
   long N, K;
   int r;
   int superchunks;  // k superchunks (128) per block; 0: the kernel's choice
+  int sms;          // the device's SM count (the automatic block depth keeps one full wave)
 };
 void dequant(const DequantArgs& a, cudaStream_t stream);
 

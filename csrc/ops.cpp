@@ -185,7 +185,7 @@ at::Tensor dequant_impl(const at::Tensor& qweight, const at::Tensor& B_in, const
   const int64_t N = B.size(0), K = A.size(1);
   auto W = at::empty({N, K}, B.options().dtype(out_dtype));
   DequantArgs a{dtype_of(W), bits, qweight.data_ptr<uint8_t>(), B.data_ptr(), A.data_ptr(), codebook.data_ptr(),
-                kind_of(codebook), W.data_ptr(), N, K, (int)B.size(1), superchunks};
+                kind_of(codebook), W.data_ptr(), N, K, (int)B.size(1), superchunks, sm_count(W.device())};
   dequant(a, c10::cuda::getCurrentCUDAStream());
   return W;
 }

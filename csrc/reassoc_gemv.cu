@@ -307,6 +307,14 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
   }
 
   // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
+  // Lane t == 0 of a row's quad ends with the row's sum for token m: one split writes y (+ bias),
+  // several write their slice of the workspace.
+  auto store_row = [&](long n, int m, float v) {
+    if (splits == 1)
+      y[(long)m * N + n] = Mma<T>::from_float(v + (bias != nullptr ? load_scalar(bias, bias_kind, n) : 0.f));
+    else
+      ws[((long)split * M + m) * N + n] = v;
+  };
   if constexpr (MAXM == 1) {
     // One token: column j is rank j (no token index), one pointer per row computed once; the general
     // version below re-derived 64-bit B addresses and the token of every column per tile (SASS).
@@ -350,13 +358,7 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const long n = warp_row0 + nt * 16 + g + 8 * h;
-          if (n >= N) continue;
-          if (splits == 1) {
-            const float bv = bias != nullptr ? load_scalar(bias, bias_kind, n) : 0.f;
-            y[n] = Mma<T>::from_float(part1[nt][h] + bv);
-          } else {
-            ws[(long)split * N + n] = part1[nt][h];
-          }
+          if (n < N) store_row(n, 0, part1[nt][h]);
         }
     }
   } else {
@@ -419,16 +421,9 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const long n = warp_row0 + nt * 16 + g + 8 * h;
-        if (n >= N) continue;
-        const float bv = (splits == 1 && bias != nullptr) ? load_scalar(bias, bias_kind, n) : 0.f;
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
-          if (m >= M) continue;
-          if (splits == 1)
-            y[(long)m * N + n] = Mma<T>::from_float(part[nt][h][m] + bv);
-          else
-            ws[((long)split * M + m) * N + n] = part[nt][h][m];
-        }
+        for (int m = 0; m < MAXM; ++m)
+          if (n < N && m < M) store_row(n, m, part[nt][h][m]);
       }
   }
   }
