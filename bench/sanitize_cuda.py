@@ -7,7 +7,7 @@ from lords_ext.backends import reference
 import lords_ext.backends.cuda  # noqa  loads _C
 op = torch.ops.lords.dequant_matmul_cuda
 worst = 0
-for (M, N, K, r, bits, path) in [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0)]:
+for (M, N, K, r, bits, path) in [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (4, 600, 1024, 49, 4, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0)]:
     g = torch.Generator().manual_seed(M)
     cb = get_codebook(f"nf{bits}")[0].cuda()
     q = pack(torch.randint(0, 1 << bits, (N, K), generator=g), bits).cuda()
