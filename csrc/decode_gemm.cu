@@ -37,23 +37,37 @@ size_t stage_bytes(int rt, int mt, long n_super, int dtype_bytes) {
   return (size_t)n_super * ((size_t)rt * 16 * kSuper * dtype_bytes + (size_t)mt * 8 * 32 * sizeof(uint2));
 }
 
-// Row tiles per warp and blocks per SM. Up to r = 32 a warp takes two 16-row tiles (each staged A fragment
-// serves both) and two blocks of 8 warps fit per SM. From r = 33 the B fragments and accumulators of two
-// tiles need ~165 registers, which left one block of 8 warps per SM: the dequant kernel, the same tile
-// work with the same dependent chain per tile, went from 232 to 182 us on 14336x4096 (r = 49, H100,
-// session 6) with one tile per warp and two blocks per SM; the same is done here from RT = 4.
+// Row tiles per warp, warps per block and blocks per SM. Up to r = 32 a warp takes two 16-row tiles (each
+// staged A fragment serves both) and two blocks of 8 warps fit per SM. From r = 33 the B fragments and
+// accumulators of two tiles need ~165 registers, which left one block of 8 warps per SM; one tile per warp
+// (110-125 registers) runs 16 warps per SM instead (session 7: 82 -> 73 us at M = 1..2 on 14336x4096,
+// r = 49, H100). Those 16 warps form one 256-row block rather than two of 128: every block stages
+// A[:, k range] for its rows, and that staging was 55 % of the executed instructions (ncu, same shape,
+// M = 2), so twice the rows per block halves it per weight (72.5 -> 69.3 us). RT = 8 (136-163 registers)
+// stays at one block of 8 warps.
 template <int RT>
 __host__ __device__ constexpr int row_tiles() { return RT >= 4 ? 1 : 2; }
 template <int RT>
-__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * row_tiles<RT>(); }
+__host__ __device__ constexpr int warps_per_block() { return RT == 4 ? 2 * kWarps : kWarps; }
 template <int RT>
-constexpr int blocks_per_sm() { return RT >= 8 ? 1 : 2; }
-long rows_for_rank(int r) { return rank_chunks(r) >= 4 ? rows_per_block<4>() : rows_per_block<1>(); }
+__host__ __device__ constexpr int threads_per_block() { return warps_per_block<RT>() * 32; }
+template <int RT>
+__host__ __device__ constexpr int rows_per_block() { return warps_per_block<RT>() * 16 * row_tiles<RT>(); }
+template <int RT>
+constexpr int blocks_per_sm() { return RT >= 4 ? 1 : 2; }
+long rows_for_rank(int r) {
+  switch (rank_chunks(r)) {
+    case 1: return rows_per_block<1>();
+    case 2: return rows_per_block<2>();
+    case 4: return rows_per_block<4>();
+    default: return rows_per_block<8>();
+  }
+}
 
 // PAIRS (4-bit only): look-ups through a 64 KB pair table in front of the staged operands
 // (weight_frag_pairs in lords_tile.cuh); chosen where the table fits beside the blocks' staging.
 template <typename T, int BITS, int MT, int RT, bool PAIRS>
-__global__ void __launch_bounds__(kThreads, blocks_per_sm<RT>())
+__global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
     decode_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                        const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                        const void* __restrict__ bias, int bias_kind, T* __restrict__ y, float* __restrict__ ws,
@@ -239,7 +253,9 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
     // costs about what its look-ups save (1024x4096, r = 12, M = 1: 128 k per block, 7.4 -> 7.8 us).
     const SmemLimits lim = smem_limits();
     const size_t with_table = stage + kPairTableBytes;
-    if (a.k_per_split >= 2 * kSuper && with_table + 1024 <= lim.per_block &&
+    // Not at RT = 4: the table fits beside its single block per SM only since session 7 and has not been
+    // measured there (bench/wip/decode-w16-pairs.patch); these RT = 4 timings are without it.
+    if (RT != 4 && a.k_per_split >= 2 * kSuper && with_table + 1024 <= lim.per_block &&
         (with_table + 2048) * blocks_per_sm<RT>() <= lim.per_sm) {
       launch<T, BITS, MT, RT, true>(a, stream, with_table, fast);
       return;
@@ -257,7 +273,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream, size_t smem, bool fast) {
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords decode_gemm: ") + cudaGetErrorString(e));
   }
   dim3 grid((unsigned)((a.N + rows_per_block<RT>() - 1) / rows_per_block<RT>()), (unsigned)a.splits);
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+  kernel<<<grid, threads_per_block<RT>(), smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
                                            a.K, a.r, a.k_per_split, fast);
@@ -321,7 +337,7 @@ DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes
 DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms) {
   // Fill the resident-block slots once rather than leave a tail wave.
   const long n_blocks = (N + rows_for_rank(r) - 1) / rows_for_rank(r);
-  const long slots = (long)(rank_chunks(r) >= 8 ? 1 : 2) * sms;
+  const long slots = (long)(rank_chunks(r) >= 4 ? 1 : 2) * sms;
   return decode_plan_with_splits(N, K, r, M, dtype_bytes, (int)std::max<long>(1, slots / n_blocks));
 }
 
