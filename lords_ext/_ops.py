@@ -155,14 +155,18 @@ def _dequant_matmul_setup(ctx, inputs, output):
 
 
 def _dequant_matmul_backward(ctx, grad_y):
+    return _matmul_grads(ctx, grad_y, torch.ops.lords.dequant_matmul_grad_x, torch.ops.lords.dequant_matmul_grad_scales)
+
+
+def _matmul_grads(ctx, grad_y, grad_x_fn, grad_scales_fn):
     x, qweight, B, A, codebook = ctx.saved_tensors
     K, N = A.shape[1], B.shape[0]
     gy2d = grad_y.reshape(-1, N)
     grad_x = grad_B = grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lords.dequant_matmul_grad_x(gy2d, qweight, B, A, codebook).reshape(x.shape)
+        grad_x = grad_x_fn(gy2d, qweight, B, A, codebook).reshape(x.shape)
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        grad_B, grad_A = torch.ops.lords.dequant_matmul_grad_scales(gy2d, x.reshape(-1, K), qweight, B, A, codebook)
+        grad_B, grad_A = grad_scales_fn(gy2d, x.reshape(-1, K), qweight, B, A, codebook)
         grad_B = grad_B if ctx.needs_input_grad[2] else None
         grad_A = grad_A if ctx.needs_input_grad[3] else None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
@@ -179,6 +183,10 @@ torch.library.register_autograd("lords::dequant_matmul", _dequant_matmul_backwar
 def _grad_x(grad_y, qweight, B, A, codebook):
     check_weight(qweight, B, A, codebook)
     check_activation(grad_y, "grad_y", B.shape[0], "N (out_features)", qweight)
+    return _grad_x_checked(grad_y, qweight, B, A, codebook)
+
+
+def _grad_x_checked(grad_y, qweight, B, A, codebook):
     g = grad_y.reshape(-1, B.shape[0]).contiguous()
     out = _backend("grad_x", g, g.shape[0], B.shape[1], A.shape[1]).grad_x(g, _c(qweight), _c(B), _c(A), _c(codebook))
     return out.reshape(*grad_y.shape[:-1], A.shape[1])
@@ -196,10 +204,16 @@ def _grad_scales(grad_y, x, qweight, B, A, codebook):
     check_weight(qweight, B, A, codebook)
     check_activation(grad_y, "grad_y", B.shape[0], "N (out_features)", qweight)
     check_activation(x, "x", A.shape[1], "K (in_features)", qweight)
-    g = grad_y.reshape(-1, B.shape[0]).contiguous()
-    x2d = x.reshape(-1, A.shape[1]).contiguous()
+    g = grad_y.reshape(-1, B.shape[0])
+    x2d = x.reshape(-1, A.shape[1])
     if g.shape[0] != x2d.shape[0]:
         raise ValueError(f"grad_y, x: expected the same number of rows, got {g.shape[0]} and {x2d.shape[0]}")
+    return _grad_scales_checked(g, x2d, qweight, B, A, codebook)
+
+
+def _grad_scales_checked(grad_y, x, qweight, B, A, codebook):
+    g = grad_y.reshape(-1, B.shape[0]).contiguous()
+    x2d = x.reshape(-1, A.shape[1]).contiguous()
     grad_B, grad_A = _backend("grad_scales", g, g.shape[0], B.shape[1], A.shape[1]).grad_scales(g, x2d, _c(qweight), _c(B), _c(A), _c(codebook))
     return grad_B, grad_A
 
@@ -208,3 +222,45 @@ def _grad_scales(grad_y, x, qweight, B, A, codebook):
 def _grad_scales_fake(grad_y, x, qweight, B, A, codebook):
     check_weight(qweight, B, A, codebook)
     return B.new_empty(B.shape), A.new_empty(A.shape)
+
+
+# --- the eager entry of LordsLinear ---------------------------------------------------------------
+# A Python custom op with a Python autograd formula crosses the dispatcher into Python twice per call
+# (the autograd kernel, then the implementation): ~20 us of host time on the development machine's CPU
+# (`bench/host_overhead.py`), several times that on the H100 machine's host, for each of a training
+# step's ~600 op calls. In eager mode LordsLinear runs the same implementation and the same gradient
+# formula through one torch.autograd.Function instead (or no autograd at all where nothing needs a
+# gradient); traced code (torch.compile, export, fake or other tensor subclasses) keeps the op.
+
+class _DequantMatmulEager(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: with the latter, every apply binds the
+    # arguments through inspect.signature (~30 us of host time here).
+    @staticmethod
+    def forward(ctx, x, qweight, B, A, codebook, bias):
+        y = _dequant_matmul(x, qweight, B, A, codebook, bias)
+        _dequant_matmul_setup(ctx, (x, qweight, B, A, codebook, bias), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        # the forward checked the weight and x, and autograd hands back grad_y in y's shape
+        return _matmul_grads(ctx, grad_y, _grad_x_checked, _grad_scales_checked)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def dequant_matmul(x, qweight, B, A, codebook, bias=None):
+    """`torch.ops.lords.dequant_matmul` with less host time in eager mode (same checks, backends,
+    results and gradients); under tracing it is that op."""
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in (x, qweight, B, A, codebook)) or (
+        bias is not None and type(bias) not in _PLAIN
+    ):
+        return torch.ops.lords.dequant_matmul(x, qweight, B, A, codebook, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or B.requires_grad or A.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        if qweight.requires_grad or codebook.requires_grad:
+            # the op's autograd raises the error for these (they are not differentiable)
+            return torch.ops.lords.dequant_matmul(x, qweight, B, A, codebook, bias)
+        return _DequantMatmulEager.apply(x, qweight, B, A, codebook, bias)
+    return _dequant_matmul(x, qweight, B, A, codebook, bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _ops
 from .formats import check_bits, check_packable_K, get_codebook, packed_cols
 from .quantize import LordsConfig, LordsQuantized, quantize_weight
 
@@ -77,7 +78,7 @@ class LordsLinear(nn.Module):
         return torch.ops.lords.dequant(self.qweight, self.B, self.A, self.codebook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lords.dequant_matmul(x, self.qweight, self.B, self.A, self.codebook, self.bias)
+        return _ops.dequant_matmul(x, self.qweight, self.B, self.A, self.codebook, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
