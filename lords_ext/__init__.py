@@ -2,6 +2,7 @@
 
 Public API only; see README.md and ../shared/DESIGN.md for the contracts."""
 from . import _ops  # noqa: F401  (registers torch.ops.lords.*)
+from ._ops import dequant_matmul
 from .formats import CODEBOOK_NAMES, get_codebook, normal_float, pack, symmetric_int, unpack
 from .quantize import (
     BlockwiseQuantized,

@@ -23,7 +23,8 @@ def test_eager_entry_equals_the_op_with_gradients(bits, shape, with_bias, gen):
     x, qweight, B, A, cb, bias = _leaves(gen, 13, 48, 3, bits, torch.float64, shape)
     bias = bias if with_bias else None
     grads = []
-    for fn in (torch.ops.lords.dequant_matmul, _ops.dequant_matmul):
+    assert lords_ext.dequant_matmul is _ops.dequant_matmul
+    for fn in (torch.ops.lords.dequant_matmul, lords_ext.dequant_matmul):
         leaves = [t.clone().requires_grad_(True) for t in (x, B, A)]
         b = None if bias is None else bias.clone().requires_grad_(True)
         y = fn(leaves[0], qweight, leaves[1], leaves[2], cb, b)
