@@ -227,7 +227,7 @@ def _grad_scales_fake(grad_y, x, qweight, B, A, codebook):
 # --- the eager entry of LordsLinear ---------------------------------------------------------------
 # A Python custom op with a Python autograd formula crosses the dispatcher into Python twice per call
 # (the autograd kernel, then the implementation): ~20 us of host time on the development machine's CPU
-# (`bench/host_overhead.py`), several times that on the H100 machine's host, for each of a training
+# (`bench/host_overhead_cpu.py`), several times that on the H100 machine's host, for each of a training
 # step's ~600 op calls. In eager mode LordsLinear runs the same implementation and the same gradient
 # formula through one torch.autograd.Function instead (or no autograd at all where nothing needs a
 # gradient); traced code (torch.compile, export, fake or other tensor subclasses) keeps the op.
@@ -257,10 +257,7 @@ def dequant_matmul(x, qweight, B, A, codebook, bias=None):
         bias is not None and type(bias) not in _PLAIN
     ):
         return torch.ops.lords.dequant_matmul(x, qweight, B, A, codebook, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or B.requires_grad or A.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or B.requires_grad or A.requires_grad or codebook.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        if qweight.requires_grad or codebook.requires_grad:
-            # the op's autograd raises the error for these (they are not differentiable)
-            return torch.ops.lords.dequant_matmul(x, qweight, B, A, codebook, bias)
         return _DequantMatmulEager.apply(x, qweight, B, A, codebook, bias)
     return _dequant_matmul(x, qweight, B, A, codebook, bias)

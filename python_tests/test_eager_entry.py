@@ -89,3 +89,14 @@ def test_eager_entry_raises_the_ops_errors(gen):
         _ops.dequant_matmul(x, qweight, B, A, cb, torch.randn(6))
     with pytest.raises(ValueError, match="qweight: expected dtype torch.uint8"):
         _ops.dequant_matmul(x, qweight.float(), B, A, cb, bias)
+
+
+def test_a_codebook_that_requires_grad_behaves_as_in_the_op(gen):
+    """The codebook is not differentiated (its gradient stays None), in the op and in the eager entry."""
+    x, qweight, B, A, cb, bias = _leaves(gen, 7, 16, 2, 4, torch.float32, (3,))
+    for fn in (torch.ops.lords.dequant_matmul, lords_ext.dequant_matmul):
+        c = cb.clone().requires_grad_(True)
+        y = fn(x, qweight, B, A, c, bias)
+        assert y.requires_grad
+        y.sum().backward()
+        assert c.grad is None
