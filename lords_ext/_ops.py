@@ -214,9 +214,9 @@ def _grad_scales(grad_y, x, qweight, B, A, codebook):
     return _grad_scales_checked(g, x2d, qweight, B, A, codebook)
 
 
-def _grad_scales_checked(grad_y, x, qweight, B, A, codebook):
-    g = grad_y.reshape(-1, B.shape[0]).contiguous()
-    x2d = x.reshape(-1, A.shape[1]).contiguous()
+def _grad_scales_checked(g, x2d, qweight, B, A, codebook):
+    # g [M, N] and x2d [M, K]: both callers hand over 2-D rows
+    g, x2d = g.contiguous(), x2d.contiguous()
     grad_B, grad_A = _backend("grad_scales", g, g.shape[0], B.shape[1], A.shape[1]).grad_scales(g, x2d, _c(qweight), _c(B), _c(A), _c(codebook))
     return grad_B, grad_A
 
