@@ -34,10 +34,7 @@
 namespace lords {
 
 constexpr int kSuper = 128;  // k per superchunk: 4 lanes x 32 codes
-constexpr int kWarps = 8;    // warps per block
-constexpr int kNT = 2;       // 16-row n-tiles per warp (A fragments from shared memory are reused kNT times)
-constexpr int kRowsPerBlock = kWarps * 16 * kNT;
-constexpr int kThreads = kWarps * 32;
+constexpr int kWarps = 8;    // warps per block of the decode kernel (decode_gemm.cu doubles it at RT = 4)
 
 // Runtime element kinds for the small operands read once per block (codebook, bias), so their dtype
 // does not multiply the number of kernel instantiations.

@@ -39,7 +39,7 @@
 namespace lords {
 namespace {
 
-constexpr int kDepth = 2;  // superchunks of codes in flight per warp (registers: kDepth*kNT*2*BITS words)
+constexpr int kDepth = 2;  // superchunks of codes in flight per warp (registers: kDepth * row tiles * 2 * BITS words)
 
 // Words per table entry: 32 lane copies; at 4 bits each entry is padded to 64 words (256 bytes) so that
 // an entry's byte offset is (pair << 8) and a look-up address is one PRMT away from the code word.
