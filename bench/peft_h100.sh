@@ -22,53 +22,56 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .data/peft_whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 python3 -c 'import torch, triton, peft, bitsandbytes; print("torch", torch.__version__, "triton", triton.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
-PC="python3 bench/peft_compare.py --pack .data/peft_pack.safetensors"
+# pc NAME ARGS...: one peft_compare.py run, its JSON and log in $OUT/NAME.json / NAME.log
+pc() {
+  local name="$1"; shift
+  python3 bench/peft_compare.py --pack .data/peft_pack.safetensors "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+}
 case "${1:-profile}" in
   profile)
-    $PC --bits 4 --methods lords-peft qlora-eq --steps 30 --profile-steps 5 --out "$OUT/profile4.json" 2>&1 | tee "$OUT/profile4.log"
-    $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 1e-3 --steps 100 --seed 0 --budget-s 330 \
-      --out "$OUT/peft3_seed0.json" 2>&1 | tee "$OUT/peft3_seed0.log"
+    pc profile4 --bits 4 --methods lords-peft qlora-eq --steps 30 --profile-steps 5
+    pc peft3_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 1e-3 --steps 100 --seed 0 --budget-s 330
     ;;
   seed1)
     python3 bench/host_overhead.py --profile 2>&1 | tee "$OUT/host_overhead.log"
-    $PC --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 1 --out "$OUT/peft3_seed1.json" 2>&1 | tee "$OUT/peft3_seed1.log"
-    $PC --bits 3 --methods lords-qat block-qat --steps 100 --seed 0 --budget-s 300 --out "$OUT/qat3_seed0.json" 2>&1 | tee "$OUT/qat3_seed0.log"
+    pc peft3_seed1 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 1
+    pc qat3_seed0 --bits 3 --methods lords-qat block-qat --steps 100 --seed 0 --budget-s 300
     ;;
   host)
     # after a host-overhead change: GPU tests of the Triton paths, the per-op host table, the 4-bit step
     timeout 200 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_grad_scales.py \
       python_tests/test_gpu_triton.py 2>&1 | tail -n 15
     python3 bench/host_overhead.py --profile 2>&1 | tee "$OUT/host_overhead.log"
-    $PC --bits 4 --methods lords-peft qlora-eq --steps 100 --seed 0 --out "$OUT/peft4_seed0.json" 2>&1 | tee "$OUT/peft4_seed0.log"
+    pc peft4_seed0 --bits 4 --methods lords-peft qlora-eq --steps 100 --seed 0
     ;;
   host2)
     # second seed of the 4-bit step comparison, with QLoRA's usual rank 16; then more GPU tests
-    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --out "$OUT/peft4_seed1.json" 2>&1 | tee "$OUT/peft4_seed1.log"
+    pc peft4_seed1 --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1
     timeout 100 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_triton.py -k "odd_shapes or graph or grad_x" 2>&1 | tail -n 5
     ;;
   paired)
     # step time side by side (alternating single steps, cancels host drift) + a step profile, 4 bits
-    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 30 --profile-steps 5 \
-      --paired-steps 40 --out "$OUT/peft4_paired.json" 2>&1 | tee "$OUT/peft4_paired.log"
+    pc peft4_paired --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 30 --profile-steps 5 \
+      --paired-steps 40
     # host time per call at one token (decoding) as well as at training size
     python3 bench/host_overhead.py --M 1 2>&1 | tee "$OUT/host_overhead_m1.log"
     ;;
   compiled)
     # the steps are host-bound (Python, autograd, launches): compiled steps compare the kernels' work
-    $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile inductor \
-      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_compiled.json" 2>&1 | tee "$OUT/peft4_compiled.log"
+    pc peft4_compiled --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile inductor \
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}"
     ;;
   graphs)
     # the same with CUDA graphs of the compiled training forward and backward (reduce-overhead): the
     # host's Python, autograd and launch costs leave the step for both methods
-    $PC --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile reduce-overhead \
-      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_graphs.json" 2>&1 | tee "$OUT/peft4_graphs.log"
+    pc peft4_graphs --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 --steps 20 --profile-steps 5 --compile reduce-overhead \
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}"
     ;;
   graphs100)
     # CUDA-graph steps over a full 100-step run (seed 1) with QLoRA's usual rank 16 as well: step time
     # and the eval loss after training, in the mode where the host is out of the step
-    $PC --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --compile reduce-overhead \
-      --budget-s "${LORDS_PEFT_BUDGET_S:-480}" --out "$OUT/peft4_graphs100.json" 2>&1 | tee "$OUT/peft4_graphs100.log"
+    pc peft4_graphs100 --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --compile reduce-overhead \
+      --budget-s "${LORDS_PEFT_BUDGET_S:-480}"
     ;;
   *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100)"; exit 2 ;;
 esac
