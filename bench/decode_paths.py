@@ -1,9 +1,9 @@
 """Small-M kernel paths of the CUDA backend, side by side, on the H100.
 
 For each Llama-3-8B shape (4-bit NF4, parity rank for block 64) and M in --ms, times in one process:
-the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64,
-plus a split-K sweep), the automatic choice (path -1), and the contenders of bench/methods.py that are
-available (cuBLAS bf16, bitsandbytes NF4, torch int4, the read floor). Same timing method as
+the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64),
+the automatic choice (path -1), with --sweep split-K sweeps of both fused kernels, and the contenders of
+bench/methods.py that are available (cuBLAS bf16, bitsandbytes NF4, torch int4, the read floor). Same timing method as
 bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
 checked against the fp32 reference before it is timed. Prints one table per shape and writes JSON.
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,2,4,8,16")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
-    p.add_argument("--sweep", action="store_true", help="split-K sweep of the re-associated kernel")
+    p.add_argument("--sweep", action="store_true", help="split-K sweeps of the direct and re-associated kernels")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "decode_paths.json"))
     a = p.parse_args(argv)
     if (rc := cuda_ready("decode_paths")) is not None:
@@ -86,6 +86,10 @@ def main(argv=None) -> int:
                                   f"path {path} splits {splits} at N={N} K={K} M={M}")
 
             rec["direct_us"], rec["direct_err"] = lords_path(0)
+            if a.sweep:
+                k_super = -(-K // 128)
+                rec["direct_sweep"] = {sp: lords_path(0, sp)[0] for sp in (1, 2, 3, 4, 6, 7, 8, 11, 16, 32)
+                                       if sp <= k_super}
             fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4
             if fits:
                 rec["reassoc_us"], rec["reassoc_err"] = lords_path(2)
@@ -99,9 +103,10 @@ def main(argv=None) -> int:
                     print(f"{key} M={M}: {type(e).__name__}: {str(e)[:120]}")
                     rec[f"{key}_us"] = float("nan")
             rows.append(rec)
-            sweep = rec.get("reassoc_sweep")
+            sweeps = {k: v for k, v in rec.items() if k.endswith("_sweep")}
             print(f"{N}x{K} M={M}: " + " ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.endswith("_us"))
-                  + (f" sweep {sweep}" if sweep else ""), flush=True)
+                  + "".join(f" {k} {{{', '.join(f'{sp}: {us:.2f}' for sp, us in v.items())}}}" for k, v in sweeps.items()),
+                  flush=True)
         del lw, others
         torch.cuda.empty_cache()
 
