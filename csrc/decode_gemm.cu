@@ -9,13 +9,14 @@
 //      entries sit in distinct banks, so the lookups never conflict)
 //   3. y^T[16 rows, tokens] += W_tile @ x^T[16, tokens]          (swap-AB: ceil(M/8) mmas)
 // The k-permutation described in lords_tile.cuh lets each lane load its codes with one 16-byte load
-// from the canonical packing; A for the block's K range is gathered into shared memory once, in
-// fragment order, and shared by all 16 n-tiles of the block.
+// from the canonical packing; A and x stream through a ring of shared-memory slots, one 128-wide
+// superchunk each, copied with cp.async while the warps work on the previous one (see kRing below).
 //
-// Work split: a block owns 256 rows (8 warps x 2 n-tiles) and one K range (split-K), sized so that
-// all blocks are resident at once (two per SM for r <= 32, one above). Partial sums go to an fp32 workspace; the last block of a row
-// range to finish (an atomic counter per row range) adds them in a fixed order (deterministic), adds
-// the bias and writes y, then re-zeroes its counter for the next call.
+// Work split: a block owns 256 rows (8 warps x 2 n-tiles up to r = 32, 16 warps x 1 n-tile up to r =
+// 64; 128 rows of 8 warps x 1 above) and one K range (split-K), sized so that all blocks are resident at once (two per
+// SM for r <= 32, one above). Partial sums go to an fp32 workspace; the last block of a row range to
+// finish (an atomic counter per row range) adds them in a fixed order (deterministic), adds the bias
+// and writes y, then re-zeroes its counter for the next call.
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x token tiles MT {1, 2} (M <= 8, 16)
 // x rank chunks RT {1, 2, 4, 8} (r <= 16, 32, 64, 128; padded ranks are zero).
@@ -32,9 +33,110 @@ namespace {
 int rank_chunks(int r) { return r <= 16 ? 1 : r <= 32 ? 2 : r <= 64 ? 4 : 8; }
 int token_tiles(int M) { return M <= 8 ? 1 : 2; }
 
-// Dynamic shared memory of a block: the A slice (RT*16 rank rows x k range) and the x operands.
-size_t stage_bytes(int rt, int mt, long n_super, int dtype_bytes) {
-  return (size_t)n_super * ((size_t)rt * 16 * kSuper * dtype_bytes + (size_t)mt * 8 * 32 * sizeof(uint2));
+// A and x reach shared memory through a ring of kRing superchunk slots filled with cp.async: the block
+// copies superchunk sc + kRing - 1 while its warps work on sc, so the K range a block covers no longer
+// sets its shared memory and the copies' latency hides behind the main loop. Before (sessions 1-7) the
+// whole A[:, k range] was staged up front in the mma fragment order with 2-byte shared stores, and a 64
+// KB bound on that staging cut the r = 49 shapes into 11 splits of 3 superchunks: ncu (14336x4096, M = 2)
+// put 61 % of the warps' stall samples in that prologue against 28 % in the main loop. With the ring
+// (H100, session 8, bench.decode_paths): 14336x4096 r = 49 M = 2 68.7 -> 52.4 us, M = 16 81.0 -> 62.9;
+// 4096x14336 M = 2 70.4 -> 46.8, M = 16 88.0 -> 57.1; 4096x4096 r = 32 and 1024x4096 r = 12 2-7 % faster.
+//
+// A slot holds A[:, 128 k] as rank rows of kPosPad 16-bit entries in mma position order (position
+// 16 s + p of k-tile s, see lords_tile.cuh): real k pairs (2i, 2i+1) stay adjacent in that order, so
+// the copy is one 4-byte cp.async per pair and one ldmatrix.x4.trans per (k-tile, 16 ranks) gives
+// the scale mma's B fragments (ranks 2t, 2t+1 of column g). The 8 padding entries per row put the
+// 8 rows an ldmatrix phase reads in distinct banks (row stride 272 bytes). Then the x^T operands of
+// the 8 k-tiles in fragment order (see the main loop), 8 bytes each.
+constexpr int kRing = 3;
+constexpr int kPosPad = kSuper + 8;
+__host__ __device__ constexpr int slot_a_bytes(int rt) { return rt * 16 * kPosPad * 2; }
+__host__ __device__ constexpr int slot_bytes(int rt, int mt) { return slot_a_bytes(rt) + 8 * mt * 32 * 8; }
+
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  if (bytes == 4)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ uint4 ldsm_x4_trans(uint32_t addr) {
+  uint4 v;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+// Copies superchunk `kbase .. kbase + 127` of A (RT*16 rank rows) and x (MT*8 tokens) into a slot with
+// cp.async; ranks >= r and tokens >= M are zero-filled. Needs K % 128 == 0 and 16-byte aligned bases.
+// Thread i takes pair u = i % 64 (real k = 2u, 2u + 1 = 32 q + 4 s + 2 h + {0, 1}) of rank rows
+// i / 64 + NTHREADS / 64 * it: a warp reads 128 consecutive bytes of a row, the pair lands at
+// position 16 s + 2 q + 8 h, and from one row to the next of a thread only the row offsets move (the
+// first version recomputed every index per copy and spent more instructions on the copies than the
+// main loop on the mmas: ncu, 14336x4096, M = 2).
+template <typename T, int RT, int MT, int NTHREADS>
+__device__ __forceinline__ void fill_slot(uint32_t slot, const T* __restrict__ A, const T* __restrict__ x, int r,
+                                          int M, long K, long kbase) {
+  static_assert(NTHREADS % 64 == 0 && (RT * 16 * 64) % NTHREADS == 0, "whole rank rows per pass");
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int u = threadIdx.x % 64, j0 = threadIdx.x / 64;
+  const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
+  constexpr int kRowStep = NTHREADS / 64;
+  const uint16_t* src = a16 + (long)j0 * K + kbase + 2 * u;
+  const uint32_t dst = slot + (uint32_t)(j0 * kPosPad + pos) * 2;
+#pragma unroll
+  for (int it = 0; it < RT * 16 / kRowStep; ++it) {
+    const bool ok = j0 + it * kRowStep < r;
+    cp_async(dst + it * kRowStep * kPosPad * 2, ok ? src + (long)it * kRowStep * K : a16, 4, ok ? 4 : 0);
+  }
+  // x^T operands: entry (s * MT + mt) * 32 + lane holds x[mt*8 + g, k .. k+3], k = kbase + 32 t + 4 s.
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  constexpr int kItems = 8 * MT * 32;
+#pragma unroll
+  for (int e0 = 0; e0 < kItems; e0 += NTHREADS) {
+    const int e = e0 + threadIdx.x;
+    if (kItems % NTHREADS == 0 || e < kItems) {
+      const int l = e % 32, s = e / (32 * MT);
+      const int m = ((e / 32) % MT) * 8 + l / 4;
+      const bool ok = m < M;
+      cp_async(slot + slot_a_bytes(RT) + e * 8, ok ? x16 + (long)m * K + kbase + 32 * (l % 4) + 4 * s : x16, 8,
+               ok ? 8 : 0);
+    }
+  }
+}
+
+// The same copy for shapes off the vector path (K % 128 != 0 or unaligned bases): element loads with
+// bounds, plain shared stores (these shapes go to Triton first, see dispatch.py).
+template <typename T, int RT, int MT>
+__device__ __forceinline__ void fill_slot_bytes(uint16_t* slot_ptr, const T* __restrict__ A, const T* __restrict__ x, int r,
+                                             int M, long K, long kbase) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  for (int i = threadIdx.x; i < RT * 16 * 64; i += blockDim.x) {
+    const int j = i / 64, u = i % 64;
+    const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
+    const long k = kbase + 2 * u;
+    uint32_t v = 0;
+    if (j < r) {
+      if (k < K) v = a16[(long)j * K + k];
+      if (k + 1 < K) v |= uint32_t(a16[(long)j * K + k + 1]) << 16;
+    }
+    *reinterpret_cast<uint32_t*>(slot_ptr + j * kPosPad + pos) = v;
+  }
+  uint2* xptr = reinterpret_cast<uint2*>(slot_ptr + slot_a_bytes(RT) / 2);
+  for (int e = threadIdx.x; e < 8 * MT * 32; e += blockDim.x) {
+    const int l = e % 32, s = e / (32 * MT);
+    const int m = ((e / 32) % MT) * 8 + l / 4;
+    const long k = kbase + 32 * (l % 4) + 4 * s;
+    uint16_t h4[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+      if (m < M && k + jj < K) h4[jj] = x16[(long)m * K + k + jj];
+    xptr[e] = make_uint2(h4[0] | (uint32_t(h4[1]) << 16), h4[2] | (uint32_t(h4[3]) << 16));
+  }
 }
 
 // Row tiles per warp, warps per block and blocks per SM. Up to r = 32 a warp takes two 16-row tiles (each
@@ -74,7 +176,7 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
                        int* __restrict__ counters, int M, long N, long K, int r, int kc, bool fast) {
   extern __shared__ uint4 smem_dyn[];
   [[maybe_unused]] uint4* pair_table = smem_dyn;
-  uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn + (PAIRS ? kPairTableBytes / sizeof(uint4) : 0));
+  uint16_t* ring = reinterpret_cast<uint16_t*>(smem_dyn + (PAIRS ? kPairTableBytes / sizeof(uint4) : 0));
   __shared__ float lut[16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -100,54 +202,37 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
       }
   };
 
-  // Codes of the first superchunk go out first: their DRAM latency overlaps the staging below.
+  // Codes of the first superchunk go out first: their DRAM latency overlaps the prologue below.
   Codes<BITS> cur[NT][2], nxt[NT][2];
   load_codes(nxt, 0);
+
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  auto fill = [&](int sc) {
+    if (sc < nsc) {
+      const int slot = sc % kRing;
+      if (fast)
+        fill_slot<T, RT, MT, threads_per_block<RT>()>(ring_s + slot * slot_bytes(RT, MT), A, x, r, M, K,
+                                                      k0 + (long)sc * kSuper);
+      else
+        fill_slot_bytes<T, RT, MT>(ring + slot * (slot_bytes(RT, MT) / 2), A, x, r, M, K, k0 + (long)sc * kSuper);
+    }
+    cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
+  };
+#pragma unroll
+  for (int sc = 0; sc < kRing - 1; ++sc) fill(sc);
 
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
   uint32_t bf[NT][RT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) load_B_frags<T, RT>(bf[nt], Bm, N, r, warp_row0 + nt * 16, lane);
-  stage_A<T, RT>(astage, A, r, K, k0, nsc * kSuper, fast);
-  // x^T operands of the block's K range, in fragment order: entry ((sc*8 + s)*MT + mt)*32 + lane holds
-  // x[mt*8 + g, k .. k+3] for k = k0 + 128 sc + 32t + 4s (zero past M or K). Staged once, so the main
-  // loop reads them with conflict-free 8-byte LDS instead of an L1/L2 round trip per k-tile.
-  uint2* xstage = reinterpret_cast<uint2*>(astage + (size_t)RT * 16 * nsc * kSuper);
-  {
-    const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
-    const int total = nsc * 8 * MT * 32;
-    constexpr int kU = 4;  // loads of four items in flight together (see stage_A)
-    for (int e0 = threadIdx.x; e0 < total; e0 += kU * blockDim.x) {
-      uint2 v[kU];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int e = e0 + u * blockDim.x;
-        const int l = e % 32, rest = e / 32;
-        const int mt = rest % MT, s = (rest / MT) % 8, sc = rest / (MT * 8);
-        const int m = mt * 8 + l / 4;
-        const long k = k0 + (long)sc * kSuper + 32 * (l % 4) + 4 * s;
-        v[u] = make_uint2(0u, 0u);
-        if (e < total && m < M && fast) {
-          v[u] = __ldg(reinterpret_cast<const uint2*>(x16 + (long)m * K + k));
-        } else if (e < total && m < M) {
-          uint16_t h[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) h[j] = (k + j < K) ? x16[(long)m * K + k + j] : uint16_t(0);
-          v[u] = make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (e0 + u * (int)blockDim.x < total) xstage[e0 + u * blockDim.x] = v[u];
-    }
-  }
-  __syncthreads();
   if constexpr (PAIRS) {
+    __syncthreads();  // lut
     build_pair_table(pair_table, lut);
-    __syncthreads();
   }
   [[maybe_unused]] const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
   [[maybe_unused]] const uint32_t lane8 = 8u * lane;
+  // ldmatrix row address of this lane: matrix lane / 8 = (ranks +8?, positions +8?), row lane % 8.
+  const uint32_t a_lane = ring_s + (uint32_t)((((lane / 8) % 2) * 8 + lane % 8) * kPosPad + (lane / 16) * 8) * 2;
 
   float acc[NT][MT][4];
 #pragma unroll
@@ -158,6 +243,11 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
       for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
 
   for (int sc = 0; sc < nsc; ++sc) {
+    // Superchunk sc has landed (at most the kRing - 2 newer groups still in flight) and every warp is
+    // done with the slot the next fill overwrites (it held sc - 1).
+    cp_async_wait<kRing - 2>();
+    __syncthreads();
+    fill(sc + kRing - 1);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       cur[nt][0] = nxt[nt][0];
@@ -165,15 +255,17 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
     }
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
+    const int slot = sc % kRing;
+    const uint32_t a_slot = a_lane + slot * slot_bytes(RT, MT);
+    const uint2* xs = reinterpret_cast<const uint2*>(ring + (slot * slot_bytes(RT, MT) + slot_a_bytes(RT)) / 2);
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       uint2 xb[MT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) xb[mt] = xstage[((sc * 8 + s) * MT + mt) * 32 + lane];
+      for (int mt = 0; mt < MT; ++mt) xb[mt] = xs[(s * MT + mt) * 32 + lane];
       uint4 af[RT];
 #pragma unroll
-      for (int c = 0; c < RT; ++c)
-        af[c] = *reinterpret_cast<const uint4*>(astage + ((((long)sc * 8 + s) * RT + c) * 32 + lane) * 8);
+      for (int c = 0; c < RT; ++c) af[c] = ldsm_x4_trans(a_slot + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         uint32_t wf[4];
@@ -186,6 +278,7 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
       }
     }
   }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
   // acc[nt][mt][i]: row warp_row0 + nt*16 + g + 8*(i/2), token mt*8 + 2t + (i%2).
   if (splits == 1) {
@@ -243,7 +336,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream, size_t smem, bool fast);
 
 template <typename T, int BITS, int MT, int RT>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  const size_t stage = stage_bytes(RT, MT, a.k_per_split / kSuper, (int)sizeof(T));
+  const size_t stage = (size_t)kRing * slot_bytes(RT, MT);
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
   if constexpr (BITS == 4) {
@@ -325,9 +418,6 @@ DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
-  // The staged A slice and x operands stay under 64 KB of shared memory.
-  const long max_sc = std::max<long>(1, (64L * 1024) / (long)stage_bytes(rank_chunks(r), token_tiles(M), 1, dtype_bytes));
-  sc_per = min_l(sc_per, max_sc);
   splits = (k_super + sc_per - 1) / sc_per;
   // Even splits: the same count with the superchunks spread over them (no short last split).
   sc_per = (k_super + splits - 1) / splits;

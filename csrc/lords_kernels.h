@@ -43,7 +43,7 @@ struct DecodePlan {
   long n_blocks;
 };
 DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms);
-// The same with a requested split count (rounded to whole 128-wide superchunks and the smem bound).
+// The same with a requested split count (rounded to whole 128-wide superchunks).
 DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int splits);
 void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
 

@@ -16,8 +16,9 @@
 // canonical packing. The other operands follow the same map:
 //   * x (the B operand of the product mma, swap-AB: weights are the 16-row side, tokens the 8 side)
 //     needs x[m, 32t + 4s .. 32t + 4s + 3]: 8 contiguous bytes per k-tile;
-//   * A (the B operand of the scale mma, S = B @ A) is gathered once per block into shared memory
-//     in fragment order, so each lane reads its operands for one k-tile with one 16-byte load.
+//   * A (the B operand of the scale mma, S = B @ A) goes to shared memory either once per block in
+//     fragment order, so each lane reads its operands for one k-tile with one 16-byte load (stage_A,
+//     dequant.cu), or per superchunk in position order, read with ldmatrix.trans (decode_gemm.cu).
 //
 // The scale tile S[16 n x 16 k] comes out of two scale mmas (k-positions 0..7 and 8..15) as C
 // fragments whose register layout is exactly the A-operand layout of the next mma (the same fact
@@ -247,21 +248,37 @@ __device__ __forceinline__ void load_B_frags(uint32_t (&f)[RT][4], const T* __re
                                              long n0, int lane) {
   const int g = lane / 4, t = lane % 4;
   const bool pairs = (r % 2 == 0) && (reinterpret_cast<uintptr_t>(Bm) % 4 == 0);
-  auto at = [&](long n, int j) -> float {
-    return (n < N && j < r) ? Mma<T>::to_float(Bm[n * r + j]) : 0.f;
-  };
-  auto pair = [&](long n, int j) -> uint32_t {
-    if (pairs) return (n < N && j < r) ? __ldg(reinterpret_cast<const unsigned int*>(Bm + n * r + j)) : 0u;
-    return Mma<T>::pack(at(n, j), at(n, j + 1));
-  };
+  if (pairs) {
 #pragma unroll
-  for (int c = 0; c < RT; ++c) {
-    const int j = 16 * c + 2 * t;
-    f[c][0] = pair(n0 + g, j);
-    f[c][1] = pair(n0 + g + 8, j);
-    f[c][2] = pair(n0 + g, j + 8);
-    f[c][3] = pair(n0 + g + 8, j + 8);
+    for (int c = 0; c < RT; ++c)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const long n = n0 + g + 8 * (i % 2);
+        const int j = 16 * c + 2 * t + 8 * (i / 2);
+        f[c][i] = (n < N && j < r) ? __ldg(reinterpret_cast<const unsigned int*>(Bm + n * r + j)) : 0u;
+      }
+    return;
   }
+  // Odd r: element loads. The 16-bit patterns are paired as they are (the same bits as converting to
+  // fp32 and back), and every load is issued before the first is used: converting each element as it
+  // arrived put one L2 round trip per few elements on the prologue's critical path (ncu, r = 49: the
+  // conversions' long-scoreboard stalls were ~30 % of the direct kernel's prologue samples).
+  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(Bm);
+  uint16_t v[RT][4][2];
+#pragma unroll
+  for (int c = 0; c < RT; ++c)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const long n = n0 + g + 8 * (i % 2);
+        const int j = 16 * c + 2 * t + 8 * (i / 2) + e;
+        v[c][i][e] = (n < N && j < r) ? __ldg(b16 + n * r + j) : uint16_t(0);
+      }
+#pragma unroll
+  for (int c = 0; c < RT; ++c)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[c][i] = uint32_t(v[c][i][0]) | (uint32_t(v[c][i][1]) << 16);
 }
 
 // Adds the scale tile of one 16x16 weight tile, S_tile = B_frag @ A_stage (2*RT mmas), to s0 and s1 in

@@ -11,8 +11,9 @@ def hopper(monkeypatch):
 
 
 @pytest.mark.parametrize("M,r,first", [(1, 32, "cuda"), (4, 32, "cuda"), (8, 32, "cuda"), (16, 32, "triton"),
-                                       (2, 12, "cuda"), (4, 12, "triton"),
-                                       (1, 49, "cuda"), (2, 49, "cuda"), (4, 49, "cuda"), (8, 49, "triton"),
+                                       (2, 12, "cuda"), (4, 12, "triton"), (16, 12, "triton"),
+                                       (1, 49, "cuda"), (2, 49, "cuda"), (4, 49, "cuda"), (8, 49, "cuda"),
+                                       (16, 49, "cuda"), (17, 49, "triton"),
                                        (1, 65, "triton"), (2, 65, "triton"),
                                        (64, 16, "triton"), (65, 16, "cuda"), (4096, 32, "cuda")])
 def test_policy_on_hopper(hopper, M, r, first):

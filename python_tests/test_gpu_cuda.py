@@ -124,6 +124,28 @@ def test_dequant_rejects_bad_block_depth():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(
+    "M,N,K,r",
+    [
+        (1, 512, 4096, 12),  # one rank chunk
+        (9, 300, 4096, 49),  # two token tiles, four rank chunks, N not a multiple of the block
+        (3, 256, 2944, 100),  # eight rank chunks, 23 superchunks
+        (5, 260, 1000, 33),  # K not a multiple of 128: the copies without cp.async
+    ],
+)
+def test_direct_kernel_any_split(M, N, K, r, bits):
+    """The direct kernel streams A and x through a 3-slot ring of superchunks: one split (the ring
+    wraps many times), uneven splits and one superchunk per split all give the reference result."""
+    x, qweight, B, A, cb, bias = make(M, N, K, r, bits, seed=bits * 17 + M + r)
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    k_super = -(-K // 128)
+    for splits in (1, 2, 3, 7, k_super):
+        poison(M * N * 64)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 0, splits)
+        assert rel(y, ref) < TOL, f"splits={splits}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_fused_and_cublas_paths_agree(bits, M):
     x, qweight, B, A, cb, bias = make(M, 1536, 2048, 32, bits, seed=7 * M + bits)

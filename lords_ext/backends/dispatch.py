@@ -11,7 +11,7 @@ Order of decisions:
 
 POLICY rows are (minimum compute capability, largest M, largest rank r, backends in order of
 preference); None means no bound. The first row whose capability is <= the GPU's and whose bounds
-hold applies. The rows follow the H100 measurements of sessions 5 and 6 (bench/cuda_notes.md; CUDA
+hold applies. The rows follow the H100 measurements of sessions 5 to 8 (bench/cuda_notes.md; CUDA
 graphs, weights rotated past L2, bf16, 4-bit NF4, parity rank). Small M, `bash bench/run_h100.sh
 --quick` (bench/h100/bench_quick_session6_[ab].json), us per call, cuda vs triton:
 
@@ -39,9 +39,17 @@ cuBLAS against Triton's choice (fused split-K up to M = 128, its own dequantize 
     14336x4096   M=64: 149.7 vs 101.2 | M=128: 151.5 vs 149.7 | M=256: 155.8 vs 160.3 | M=4096: 818.4 vs 832.4
     4096x14336   M=64: 150.5 vs 91.0 | M=128: 154.9 vs 153.2 | M=256: 165.0 vs 170.0 | M=4096: 789.1 vs 796.3
 
+Session 8 streamed A and x through a cp.async ring in the direct kernel (`bash bench/cuda_check_h100.sh
+decode_paths ...`, bench/h100/decode_paths_session8_ring.json), CUDA now, against the Triton figures of the
+session-7 suite above:
+
+    14336x4096 r=49  M=8: 56.8 vs 80.8 | M=16: 62.9 vs 78.4
+    4096x14336 r=49  M=8: 50.5 vs 74.4 | M=16: 57.1 vs 73.5
+    4096x4096 r=32   M=16: 25.0 vs 22.8 | 1024x4096 r=12 M=8: 14.4 vs 8.7
+
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
-csrc/dequant.cu + cuBLAS.) So CUDA leads for one token up to r = 64, for M <= 4 with 16 < r <= 64 (and M <= 2
-below), for M <= 8 with 16 < r <= 32, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
+csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 for 16 < r <= 64, up to
+M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -54,11 +62,11 @@ from . import available, get, names
 ENV = "LORDS_BACKEND"
 
 POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
-    ((8, 0), 1, 64, ("cuda", "triton", "reference")),
     ((8, 0), 2, 64, ("cuda", "triton", "reference")),
     ((8, 0), 8, 16, ("triton", "cuda", "reference")),
-    ((8, 0), 8, 32, ("cuda", "triton", "reference")),
-    ((8, 0), 4, 64, ("cuda", "triton", "reference")),
+    ((8, 0), 8, 64, ("cuda", "triton", "reference")),
+    ((8, 0), 16, 32, ("triton", "cuda", "reference")),
+    ((8, 0), 16, 64, ("cuda", "triton", "reference")),
     ((8, 0), 64, None, ("triton", "cuda", "reference")),
     ((8, 0), None, None, ("cuda", "triton", "reference")),
     ((0, 0), None, None, ("reference",)),
