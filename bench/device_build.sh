@@ -7,9 +7,12 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT="${OUT:-/tmp/lords_device}"
 mkdir -p "$OUT"
+source bench/build_stamp.sh
 # lords_build LOG: the in-place build (incremental after the first), its output in LOG; fails with rc.
 lords_build() {
-  MAX_JOBS=16 LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0}" timeout 240 python3 setup.py build_ext --inplace > "$1" 2>&1
+  lords_sources_check
+  MAX_JOBS=16 LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0}" timeout 240 python3 setup.py build_ext --inplace > "$1" 2>&1 &&
+    lords_sources_stamp
 }
 _t0=$SECONDS
 lords_build "$OUT/build.log" || { echo "build FAILED"; tail -40 "$OUT/build.log"; exit 1; }

@@ -43,7 +43,10 @@ if [ -f setup.py ] && [ "${LORDS_SKIP_BUILD:-0}" != 1 ]; then
   # one architecture compiles in about half the time.
   export LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0}"
   echo "== build (LORDS_CUDA_ARCH=$LORDS_CUDA_ARCH python3 setup.py build_ext --inplace; log $OUT/build.log)"
+  source bench/build_stamp.sh
+  lords_sources_check
   if MAX_JOBS=16 timeout "${LORDS_BUILD_TIMEOUT:-150}" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    lords_sources_stamp
     echo "build ok ($((SECONDS - START)) s so far)"
   else
     echo "build FAILED or timed out (rc $?): going on with the Triton / reference backends; last lines:"
