@@ -42,56 +42,17 @@ int token_tiles(int M) { return M <= 8 ? 1 : 2; }
 // (H100, session 8, bench.decode_paths): 14336x4096 r = 49 M = 2 68.7 -> 52.4 us, M = 16 81.0 -> 62.9;
 // 4096x14336 M = 2 70.4 -> 46.8, M = 16 88.0 -> 57.1; 4096x4096 r = 32 and 1024x4096 r = 12 2-7 % faster.
 //
-// A slot holds A[:, 128 k] as rank rows of kPosPad 16-bit entries in mma position order (position
-// 16 s + p of k-tile s, see lords_tile.cuh): real k pairs (2i, 2i+1) stay adjacent in that order, so
-// the copy is one 4-byte cp.async per pair and one ldmatrix.x4.trans per (k-tile, 16 ranks) gives
-// the scale mma's B fragments (ranks 2t, 2t+1 of column g). The 8 padding entries per row put the
-// 8 rows an ldmatrix phase reads in distinct banks (row stride 272 bytes). Then the x^T operands of
-// the 8 k-tiles in fragment order (see the main loop), 8 bytes each.
+// A slot holds A[:, 128 k] in the layout of lords_tile.cuh's A ring (copy_A_async, ldmatrix.trans
+// fragments), then the x^T operands of the 8 k-tiles in fragment order (see the main loop), 8 bytes each.
 constexpr int kRing = 3;
-constexpr int kPosPad = kSuper + 8;
-__host__ __device__ constexpr int slot_a_bytes(int rt) { return rt * 16 * kPosPad * 2; }
-__host__ __device__ constexpr int slot_bytes(int rt, int mt) { return slot_a_bytes(rt) + 8 * mt * 32 * 8; }
-
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
-  if (bytes == 4)
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ uint4 ldsm_x4_trans(uint32_t addr) {
-  uint4 v;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
+__host__ __device__ constexpr int slot_bytes(int rt, int mt) { return a_slot_bytes(rt) + 8 * mt * 32 * 8; }
 
 // Copies superchunk `kbase .. kbase + 127` of A (RT*16 rank rows) and x (MT*8 tokens) into a slot with
 // cp.async; ranks >= r and tokens >= M are zero-filled. Needs K % 128 == 0 and 16-byte aligned bases.
-// Thread i takes pair u = i % 64 (real k = 2u, 2u + 1 = 32 q + 4 s + 2 h + {0, 1}) of rank rows
-// i / 64 + NTHREADS / 64 * it: a warp reads 128 consecutive bytes of a row, the pair lands at
-// position 16 s + 2 q + 8 h, and from one row to the next of a thread only the row offsets move (the
-// first version recomputed every index per copy and spent more instructions on the copies than the
-// main loop on the mmas: ncu, 14336x4096, M = 2).
 template <typename T, int RT, int MT, int NTHREADS>
 __device__ __forceinline__ void fill_slot(uint32_t slot, const T* __restrict__ A, const T* __restrict__ x, int r,
                                           int M, long K, long kbase) {
-  static_assert(NTHREADS % 64 == 0 && (RT * 16 * 64) % NTHREADS == 0, "whole rank rows per pass");
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
-  const int u = threadIdx.x % 64, j0 = threadIdx.x / 64;
-  const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
-  constexpr int kRowStep = NTHREADS / 64;
-  const uint16_t* src = a16 + (long)j0 * K + kbase + 2 * u;
-  const uint32_t dst = slot + (uint32_t)(j0 * kPosPad + pos) * 2;
-#pragma unroll
-  for (int it = 0; it < RT * 16 / kRowStep; ++it) {
-    const bool ok = j0 + it * kRowStep < r;
-    cp_async(dst + it * kRowStep * kPosPad * 2, ok ? src + (long)it * kRowStep * K : a16, 4, ok ? 4 : 0);
-  }
+  copy_A_async<T, RT, NTHREADS>(slot, A, r, K, kbase);
   // x^T operands: entry (s * MT + mt) * 32 + lane holds x[mt*8 + g, k .. k+3], k = kbase + 32 t + 4 s.
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   constexpr int kItems = 8 * MT * 32;
@@ -102,7 +63,7 @@ __device__ __forceinline__ void fill_slot(uint32_t slot, const T* __restrict__ A
       const int l = e % 32, s = e / (32 * MT);
       const int m = ((e / 32) % MT) * 8 + l / 4;
       const bool ok = m < M;
-      cp_async(slot + slot_a_bytes(RT) + e * 8, ok ? x16 + (long)m * K + kbase + 32 * (l % 4) + 4 * s : x16, 8,
+      cp_async(slot + a_slot_bytes(RT) + e * 8, ok ? x16 + (long)m * K + kbase + 32 * (l % 4) + 4 * s : x16, 8,
                ok ? 8 : 0);
     }
   }
@@ -113,20 +74,9 @@ __device__ __forceinline__ void fill_slot(uint32_t slot, const T* __restrict__ A
 template <typename T, int RT, int MT>
 __device__ __forceinline__ void fill_slot_bytes(uint16_t* slot_ptr, const T* __restrict__ A, const T* __restrict__ x, int r,
                                              int M, long K, long kbase) {
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  copy_A_bytes<T, RT>(slot_ptr, A, r, K, kbase);
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
-  for (int i = threadIdx.x; i < RT * 16 * 64; i += blockDim.x) {
-    const int j = i / 64, u = i % 64;
-    const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
-    const long k = kbase + 2 * u;
-    uint32_t v = 0;
-    if (j < r) {
-      if (k < K) v = a16[(long)j * K + k];
-      if (k + 1 < K) v |= uint32_t(a16[(long)j * K + k + 1]) << 16;
-    }
-    *reinterpret_cast<uint32_t*>(slot_ptr + j * kPosPad + pos) = v;
-  }
-  uint2* xptr = reinterpret_cast<uint2*>(slot_ptr + slot_a_bytes(RT) / 2);
+  uint2* xptr = reinterpret_cast<uint2*>(slot_ptr + a_slot_bytes(RT) / 2);
   for (int e = threadIdx.x; e < 8 * MT * 32; e += blockDim.x) {
     const int l = e % 32, s = e / (32 * MT);
     const int m = ((e / 32) % MT) * 8 + l / 4;
@@ -231,8 +181,7 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
   }
   [[maybe_unused]] const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
   [[maybe_unused]] const uint32_t lane8 = 8u * lane;
-  // ldmatrix row address of this lane: matrix lane / 8 = (ranks +8?, positions +8?), row lane % 8.
-  const uint32_t a_lane = ring_s + (uint32_t)((((lane / 8) % 2) * 8 + lane % 8) * kPosPad + (lane / 16) * 8) * 2;
+  const uint32_t a_lane = ring_s + a_frag_lane_offset(lane);
 
   float acc[NT][MT][4];
 #pragma unroll
@@ -257,7 +206,7 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
 
     const int slot = sc % kRing;
     const uint32_t a_slot = a_lane + slot * slot_bytes(RT, MT);
-    const uint2* xs = reinterpret_cast<const uint2*>(ring + (slot * slot_bytes(RT, MT) + slot_a_bytes(RT)) / 2);
+    const uint2* xs = reinterpret_cast<const uint2*>(ring + (slot * slot_bytes(RT, MT) + a_slot_bytes(RT)) / 2);
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       uint2 xb[MT];

@@ -3,7 +3,7 @@
 // Serves lords::dequant_cuda and the large-M path of lords::dequant_matmul_cuda (dequantize, then one
 // cuBLAS GEMM: at M >= ~64 the GEMM is compute-bound and cuBLAS is hard to beat, so writing W once
 // (2 bytes per weight) is the cheap part). The scale tile is rebuilt on tensor cores exactly as in the
-// decode kernel (see lords_tile.cuh: same k-permutation, same staged A, same fragments), so the two
+// decode kernel (see lords_tile.cuh: same k-permutation, same A ring, same fragments), so the two
 // kernels compute bit-identical W. With that permutation a lane ends up holding 32 consecutive
 // weights of each of its two rows per superchunk, 16 bytes (two k-tiles) at a time; they leave the
 // block through shared memory as whole rows (FAST below).
@@ -33,6 +33,13 @@ namespace {
 constexpr int kDqWarps = 8;
 constexpr int kDqThreads = kDqWarps * 32;
 constexpr int kDqRows = kDqWarps * 16;  // rows per block: one 16-row tile per warp
+// A streams through kDqRing superchunk slots (the A ring of lords_tile.cuh), so a block's K range no longer
+// sets its shared memory; two slots (the copy of sc + 1 overlaps the work on sc) keep four blocks of
+// r <= 32 within an SM's shared memory beside their store tiles. Before (sessions 5-7) each block staged
+// A[:, k range] up front with 2-byte shared stores, at most 4 superchunks per block. H100, session 8
+// (bench.dequant_paths, automatic depth): 4096x4096 r = 32 23.3 -> 17.7 us, 14336x4096 r = 49 96.5 ->
+// 68.4, 4096x14336 95.6 -> 66.0, 1024x4096 r = 12 5.9 -> 5.6.
+constexpr int kDqRing = 2;
 
 template <int RT>
 constexpr int dq_blocks_per_sm() { return RT <= 2 ? 4 : RT <= 4 ? 2 : 1; }
@@ -51,7 +58,7 @@ __global__ void __launch_bounds__(kDqThreads, dq_blocks_per_sm<RT>())
                    const void* __restrict__ cb, int cb_kind, T* __restrict__ W, long N, long K, int r, int kc) {
   constexpr bool fast = FAST;
   extern __shared__ uint4 smem_dyn[];
-  uint16_t* astage = reinterpret_cast<uint16_t*>(smem_dyn);
+  uint16_t* ring = reinterpret_cast<uint16_t*>(smem_dyn);
   __shared__ float lut[16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -73,20 +80,35 @@ __global__ void __launch_bounds__(kDqThreads, dq_blocks_per_sm<RT>())
   };
 
   // The first codes are issued before the block's prologue so their DRAM latency overlaps it.
-  uint4* wstage = reinterpret_cast<uint4*>(smem_dyn) + (size_t)RT * 16 * kc * sizeof(T) / 16 +
+  uint4* wstage = reinterpret_cast<uint4*>(smem_dyn) + (size_t)kDqRing * a_slot_bytes(RT) / 16 +
                   (size_t)warp * kStageBytesPerWarp / 16;
   Codes<BITS> cur[2], nxt[2];
   load_codes(nxt, 0);
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  auto fill = [&](int sc) {
+    if (sc < nsc) {
+      if constexpr (FAST)
+        copy_A_async<T, RT, kDqThreads>(ring_s + (sc % kDqRing) * a_slot_bytes(RT), A, r, K, k0 + (long)sc * kSuper);
+      else
+        copy_A_bytes<T, RT>(ring + (sc % kDqRing) * (a_slot_bytes(RT) / 2), A, r, K, k0 + (long)sc * kSuper);
+    }
+    cp_async_commit();
+  };
+  fill(0);
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
   uint32_t bf[RT][4];
   load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
-  stage_A<T, RT>(astage, A, r, K, k0, nsc * kSuper, fast);
-  __syncthreads();
+  const uint32_t a_lane = ring_s + a_frag_lane_offset(lane);
 
   for (int sc = 0; sc < nsc; ++sc) {
+    // Superchunk sc's A has landed, and every warp is past sc - 1, whose slot the next copy reuses.
+    cp_async_wait<kDqRing - 2>();
+    __syncthreads();
+    fill(sc + kDqRing - 1);
     cur[0] = nxt[0];
     cur[1] = nxt[1];
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
+    const uint32_t a_slot = a_lane + (sc % kDqRing) * a_slot_bytes(RT);
     const long kb = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
     for (int s = 0; s < 8; s += 2) {
@@ -96,8 +118,7 @@ __global__ void __launch_bounds__(kDqThreads, dq_blocks_per_sm<RT>())
       for (int u = 0; u < 2; ++u) {
         uint4 af[RT];
 #pragma unroll
-        for (int c = 0; c < RT; ++c)
-          af[c] = *reinterpret_cast<const uint4*>(astage + ((((long)sc * 8 + s + u) * RT + c) * 32 + lane) * 8);
+        for (int c = 0; c < RT; ++c) af[c] = ldsm_x4_trans(a_slot + (uint32_t)(c * 16 * kPosPad + 16 * (s + u)) * 2);
         weight_frag<T, BITS, RT>(wf[u], bf, af, cur[0], cur[1], lut, s + u);
       }
       // wf[u]: {row g: k+0,1}, {row g+8: k+0,1}, {row g: k+2,3}, {row g+8: k+2,3} for k = kb + 4(s+u).
@@ -132,21 +153,19 @@ __global__ void __launch_bounds__(kDqThreads, dq_blocks_per_sm<RT>())
       __syncwarp();
     }
   }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 }
 
-// Superchunks per block: `requested` where given (benchmarks sweep it); otherwise the most (up to 4) that
-// still leave one full wave of resident blocks, so the prologue is amortized without idle SMs. At most
-// what keeps the staged A slice and the store tiles within 96 KB (every sm_80+ GPU allows that much).
+// Superchunks per block: `requested` where given (benchmarks sweep it); otherwise the fewest blocks that
+// still fill one wave of resident blocks, so the per-block set-up (B fragments, the first copy, the lut)
+// is paid once per SM slot.
 template <typename T, int RT>
 long superchunks_per_block(long N, long k_super, int requested, int sms) {
-  const long a_bytes = (96 * 1024) - (long)kDqWarps * kStageBytesPerWarp;
-  const long most = min_l(k_super, std::max<long>(1, a_bytes / ((long)RT * 16 * kSuper * sizeof(T))));
-  if (requested > 0) return min_l(most, requested);
+  if (requested > 0) return min_l(k_super, requested);
   const long row_blocks = (N + kDqRows - 1) / kDqRows;
   const long wave = (long)sms * dq_blocks_per_sm<RT>();
-  long sc = min_l(most, 4);
-  while (sc > 1 && row_blocks * ((k_super + sc - 1) / sc) < wave) sc /= 2;
-  return sc;
+  const long splits = std::max<long>(1, min_l(k_super, wave / row_blocks));
+  return (k_super + splits - 1) / splits;
 }
 
 template <typename T, int BITS, int RT, bool FAST>
@@ -154,7 +173,7 @@ void launch(const DequantArgs& a, cudaStream_t stream, long sc_per) {
   auto kernel = dequant_kernel<T, BITS, RT, FAST>;
   const long k_super = (a.K + kSuper - 1) / kSuper;
   const int kc = (int)(sc_per * kSuper);
-  const size_t smem = (size_t)RT * 16 * kc * sizeof(T) + (FAST ? (size_t)kDqWarps * kStageBytesPerWarp : 0);
+  const size_t smem = (size_t)kDqRing * a_slot_bytes(RT) + (FAST ? (size_t)kDqWarps * kStageBytesPerWarp : 0);
   if (smem > 47 * 1024) {  // static shared memory counts against the 48 KB default too
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords dequant: ") + cudaGetErrorString(e));

@@ -16,9 +16,8 @@
 // canonical packing. The other operands follow the same map:
 //   * x (the B operand of the product mma, swap-AB: weights are the 16-row side, tokens the 8 side)
 //     needs x[m, 32t + 4s .. 32t + 4s + 3]: 8 contiguous bytes per k-tile;
-//   * A (the B operand of the scale mma, S = B @ A) goes to shared memory either once per block in
-//     fragment order, so each lane reads its operands for one k-tile with one 16-byte load (stage_A,
-//     dequant.cu), or per superchunk in position order, read with ldmatrix.trans (decode_gemm.cu).
+//   * A (the B operand of the scale mma, S = B @ A) streams through shared memory one superchunk at a
+//     time in position order (the A ring below), read with one ldmatrix.trans per k-tile and 16 ranks.
 //
 // The scale tile S[16 n x 16 k] comes out of two scale mmas (k-positions 0..7 and 8..15) as C
 // fragments whose register layout is exactly the A-operand layout of the next mma (the same fact
@@ -185,58 +184,78 @@ struct Codes {
   }
 };
 
-// Shared-memory image of A[:, k0 : k0 + kc] in fragment order: for superchunk sc, k-tile s, rank
-// chunk c (16 ranks) and lane, 16 bytes = {h0.b0, h0.b1, h1.b0, h1.b1}, where h picks the k-positions
-// 0..7 or 8..15 of the two scale mmas. Rank rows >= r and k >= K are zero, so padded ranks and the K
-// tail add nothing.
+// The A ring (decode_gemm.cu, dequant.cu): A[:, 128 k] of one superchunk per shared-memory slot, copied
+// with cp.async while the warps work on an earlier slot. A slot holds RT*16 rank rows of kPosPad 16-bit
+// entries in mma position order (position 16 s + p of k-tile s, real k as in the map at the top): real
+// k pairs (2i, 2i+1) stay adjacent in that order, so the copy is one 4-byte cp.async per pair, and one
+// ldmatrix.x4.trans per (k-tile, 16 ranks) gives the scale mma's B fragments (ranks 2t, 2t+1 of
+// position g) in the order scale_frags takes them. The 8 padding entries per row put the 8 rows an
+// ldmatrix phase reads in distinct banks (row stride 272 bytes).
+constexpr int kPosPad = kSuper + 8;
+__host__ __device__ constexpr int a_slot_bytes(int rt) { return rt * 16 * kPosPad * 2; }
+
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  if (bytes == 4)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ uint4 ldsm_x4_trans(uint32_t addr) {
+  uint4 v;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+// This lane's ldmatrix row address within a slot: matrix lane / 8 = (ranks + 8?, positions + 8?), row
+// lane % 8. Fragments of k-tile s, ranks 16c .. 16c+15: ldsm_x4_trans(slot + this + (16c*kPosPad + 16s)*2).
+__device__ __forceinline__ uint32_t a_frag_lane_offset(int lane) {
+  return (uint32_t)((((lane / 8) % 2) * 8 + lane % 8) * kPosPad + (lane / 16) * 8) * 2;
+}
+
+// Copies superchunk `kbase .. kbase + 127` of A into a slot with cp.async (ranks >= r zero-filled); needs
+// K % 128 == 0 and a 16-byte aligned A. Thread i takes pair u = i % 64 (real k = 2u, 2u + 1 = 32 q + 4 s +
+// 2 h + {0, 1}) of rank rows i / 64 + NTHREADS / 64 * it: a warp reads 128 consecutive bytes of a row,
+// the pair lands at position 16 s + 2 q + 8 h, and from one row to the next only the row offsets move
+// (the first version recomputed every index per copy and spent more instructions on the copies than
+// the main loop on its mmas: ncu, 14336x4096, M = 2).
+template <typename T, int RT, int NTHREADS>
+__device__ __forceinline__ void copy_A_async(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase) {
+  static_assert(NTHREADS % 64 == 0 && (RT * 16 * 64) % NTHREADS == 0, "whole rank rows per pass");
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int u = threadIdx.x % 64, j0 = threadIdx.x / 64;
+  const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
+  constexpr int kRowStep = NTHREADS / 64;
+  // A running source pointer: written as src + it * step, the compiler kept every row offset live across
+  // the main loop (255 registers at RT = 8).
+  const uint16_t* src = a16 + (long)j0 * K + kbase + 2 * u;
+  const long step = (long)kRowStep * K;
+  const uint32_t dst = slot + (uint32_t)(j0 * kPosPad + pos) * 2;
+#pragma unroll
+  for (int it = 0; it < RT * 16 / kRowStep; ++it) {
+    const bool ok = j0 + it * kRowStep < r;
+    cp_async(dst + it * kRowStep * kPosPad * 2, ok ? src : a16, 4, ok ? 4 : 0);
+    src += step;
+  }
+}
+
+// The same copy off the vector path (any K, unaligned A): element loads with bounds, shared stores.
 template <typename T, int RT>
-__device__ __forceinline__ void stage_A(uint16_t* smem, const T* __restrict__ A, int r, long K, long k0, int kc,
-                                        bool fast) {
-  // Consecutive threads take consecutive rank rows of the same 8-wide k chunk: their 2-byte stores
-  // then spread over the banks (rank -> lane%4, register, half), about 2-way conflicts; walking along k
-  // instead puts a warp's stores 16 ways into the same bank (measured: the prologue dominated).
-  constexpr int rows = RT * 16;
-  const int total = rows * (kc / 8);
-  // Four items per thread have their loads in flight together: one L2 round trip per item in a
-  // serial loop was most of the block's prologue (8 items per thread at r = 32, k range 512).
-  constexpr int kU = 4;
-  union V8 {
-    uint4 raw;
-    uint16_t e[8];
-  };
-  for (int ch0 = threadIdx.x; ch0 < total; ch0 += kU * blockDim.x) {
-    V8 v[kU];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int ch = ch0 + u * blockDim.x;
-      const int j = ch % rows;
-      const long k = k0 + (ch / rows) * 8;
-      v[u].raw = make_uint4(0u, 0u, 0u, 0u);
-      if (ch < total && j < r && fast) {
-        v[u].raw = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
-      } else if (ch < total && j < r) {
-        const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[u].e[e] = (k + e < K) ? a16[(long)j * K + k + e] : uint16_t(0);
-      }
+__device__ __forceinline__ void copy_A_bytes(uint16_t* slot_ptr, const T* __restrict__ A, int r, long K, long kbase) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  for (int i = threadIdx.x; i < RT * 16 * 64; i += blockDim.x) {
+    const int j = i / 64, u = i % 64;
+    const int pos = 16 * ((u % 16) / 2) + 2 * (u / 16) + 8 * (u % 2);
+    const long k = kbase + 2 * u;
+    uint32_t v = 0;
+    if (j < r) {
+      if (k < K) v = a16[(long)j * K + k];
+      if (k + 1 < K) v |= uint32_t(a16[(long)j * K + k + 1]) << 16;
     }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const unsigned ch = ch0 + u * blockDim.x;  // unsigned: the divisions below are shifts
-      if (ch >= (unsigned)total) break;
-      const unsigned j = ch % rows, o0 = (ch / rows) * 8;
-      const unsigned c = j / 16, jj = j % 16;
-      const unsigned reg = jj / 8, tt = (jj % 8) / 2, half = jj % 2;
-      // Element e goes to k-position o = o0 + e. With o0 a multiple of 8 and e < 8, the superchunk,
-      // the 32-wide group and the first k-tile come from o0 alone and e adds a compile-time offset:
-      // (e/4) k-tiles, (e%2) * 4 lanes, ((e/2)%2) halves. Same index as the per-element formula
-      // (sc = o / 128, s = (o % 32) / 4, lane = 4 * (2 * ((o % 128) / 32) + o % 2) + tt, h = (o % 4) / 2),
-      // checked for every o0, e, rank row and RT; that formula cost ~60 instructions per element.
-      const unsigned sc = o0 / kSuper, q32 = (o0 % kSuper) / 32, sb = (o0 % 32) / 4;
-      uint16_t* base = smem + ((((size_t)(sc * 8 + sb) * RT + c) * 32 + 8 * q32 + tt) * 4 + reg) * 2 + half;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) base[(e / 4) * RT * 256 + (e % 2) * 32 + ((e / 2) % 2) * 4] = v[u].e[e];
-    }
+    *reinterpret_cast<uint32_t*>(slot_ptr + j * kPosPad + pos) = v;
   }
 }
 
