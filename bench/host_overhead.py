@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     gy = torch.randn(M, N, device=dev, dtype=torch.bfloat16, generator=g)
     W = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(False)
     print(f"layer {N}x{K}, r={r}, M={M}, bf16 x, fp32 B/A; dispatch "
-          f"{ {op: dispatch.choose(op, x, M, r) for op in ('dequant_matmul', 'grad_x', 'grad_scales')} }; "
+          f"{ {op: dispatch.choose(op, x, M, r, K) for op in ('dequant_matmul', 'grad_x', 'grad_scales')} }; "
           f"lords_ext from {Path(lords_ext.__file__).parent}")
     xd, Bd, Ad = x.detach(), B.detach(), A.detach()
 

@@ -7,7 +7,9 @@ Compute's per-instruction source page (the GPU side of bench/sass_static.py's st
     python3 bench/ncu_regions.py rep.csv [--top 15]
 
 Regions as in sass_static.py: prologue (before the first tensor-core mma), main loop (first to last
-mma), epilogue (after the last mma). Prints one row per region, the stall reasons (overall and per
+mma), epilogue (after the last mma). Regions are SASS positions, not phases: loop code placed before the
+loop's first mma (the cp.async copies of the A ring in decode_gemm.cu) counts as prologue; the
+executed column (per warp per superchunk there) shows it. Prints one row per region, the stall reasons (overall and per
 region, from the page's stall_* columns) and the instructions with the most stall samples.
 """
 from __future__ import annotations
