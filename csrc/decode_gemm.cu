@@ -90,13 +90,14 @@ __device__ __forceinline__ void fill_slot_bytes(uint16_t* slot_ptr, const T* __r
 }
 
 // Row tiles per warp, warps per block and blocks per SM. Up to r = 32 a warp takes two 16-row tiles (each
-// staged A fragment serves both) and two blocks of 8 warps fit per SM. From r = 33 the B fragments and
+// A fragment read from shared memory serves both) and two blocks of 8 warps fit per SM. From r = 33 the B fragments and
 // accumulators of two tiles need ~165 registers, which left one block of 8 warps per SM; one tile per warp
 // (110-125 registers) runs 16 warps per SM instead (session 7: 82 -> 73 us at M = 1..2 on 14336x4096,
-// r = 49, H100). Those 16 warps form one 256-row block rather than two of 128: every block stages
-// A[:, k range] for its rows, and that staging was 55 % of the executed instructions (ncu, same shape,
-// M = 2), so twice the rows per block halves it per weight (72.5 -> 69.3 us). RT = 8 (136-163 registers)
-// stays at one block of 8 warps.
+// r = 49, H100). Those 16 warps form one 256-row block rather than two of 128: every block then staged
+// A[:, k range] up front for its rows (before the A ring), and that staging was 55 % of the executed
+// instructions (ncu, same shape, M = 2), so twice the rows per block halved it per weight (72.5 -> 69.3
+// us); with the ring each block still copies A once per superchunk for all its rows. RT = 8 (136-163
+// registers) stays at one block of 8 warps.
 template <int RT>
 __host__ __device__ constexpr int row_tiles() { return RT >= 4 ? 1 : 2; }
 template <int RT>
@@ -116,8 +117,8 @@ long rows_for_rank(int r) {
   }
 }
 
-// PAIRS (4-bit only): look-ups through a 64 KB pair table in front of the staged operands
-// (weight_frag_pairs in lords_tile.cuh); chosen where the table fits beside the blocks' staging.
+// PAIRS (4-bit only): look-ups through a 64 KB pair table in front of the A ring (weight_frag_pairs in
+// lords_tile.cuh); chosen where the table fits beside the ring.
 template <typename T, int BITS, int MT, int RT, bool PAIRS>
 __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
     decode_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
@@ -295,8 +296,8 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
     // costs about what its look-ups save (1024x4096, r = 12, M = 1: 128 k per block, 7.4 -> 7.8 us).
     const SmemLimits lim = smem_limits();
     const size_t with_table = stage + kPairTableBytes;
-    // Not at RT = 4: the table fits beside its single block per SM only since session 7 and has not been
-    // measured there (bench/wip/decode-w16-pairs.patch); these RT = 4 timings are without it.
+    // Not at RT = 4: measured there on top of the A ring (session 8) and rejected: within 1 % at M = 2..8,
+    // 4 % slower at M = 16 on 14336x4096 (bench/cuda_notes.md).
     if (RT != 4 && a.k_per_split >= 2 * kSuper && with_table + 1024 <= lim.per_block &&
         (with_table + 2048) * blocks_per_sm<RT>() <= lim.per_sm) {
       launch<T, BITS, MT, RT, true>(a, stream, with_table, fast);
