@@ -363,22 +363,21 @@ bool vector_path_ok(long K, const void* const* ptrs, int n_ptrs) {
   return true;
 }
 
-DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int want) {
+DecodePlan decode_plan_with_splits(long N, long K, int r, int want) {
   const long n_blocks = (N + rows_for_rank(r) - 1) / rows_for_rank(r);
   const long k_super = (K + kSuper - 1) / kSuper;
-  long splits = std::max<long>(1, min_l(k_super, want));
-  long sc_per = (k_super + splits - 1) / splits;
-  splits = (k_super + sc_per - 1) / sc_per;
-  // Even splits: the same count with the superchunks spread over them (no short last split).
-  sc_per = (k_super + splits - 1) / splits;
+  const long asked = std::max<long>(1, min_l(k_super, want));
+  const long sc_per = (k_super + asked - 1) / asked;
+  // Recounted so that no split is left empty (9 superchunks, 4 wanted: 3 splits of 3).
+  const long splits = (k_super + sc_per - 1) / sc_per;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
 }
 
-DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms) {
+DecodePlan decode_plan(long N, long K, int r, int sms) {
   // Fill the resident-block slots once rather than leave a tail wave.
   const long n_blocks = (N + rows_for_rank(r) - 1) / rows_for_rank(r);
   const long slots = (long)(rank_chunks(r) >= 4 ? 1 : 2) * sms;
-  return decode_plan_with_splits(N, K, r, M, dtype_bytes, (int)std::max<long>(1, slots / n_blocks));
+  return decode_plan_with_splits(N, K, r, (int)std::max<long>(1, slots / n_blocks));
 }
 
 void decode_gemm(const DecodeArgs& a, cudaStream_t stream) {

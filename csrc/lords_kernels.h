@@ -42,9 +42,9 @@ struct DecodePlan {
   int k_per_split;
   long n_blocks;
 };
-DecodePlan decode_plan(long N, long K, int r, int M, int dtype_bytes, int sms);
+DecodePlan decode_plan(long N, long K, int r, int sms);
 // The same with a requested split count (rounded to whole 128-wide superchunks).
-DecodePlan decode_plan_with_splits(long N, long K, int r, int M, int dtype_bytes, int splits);
+DecodePlan decode_plan_with_splits(long N, long K, int r, int splits);
 void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
 
 // The re-associated kernel (reassoc_gemv.cu) for small M * r: same arguments, its own split plan.

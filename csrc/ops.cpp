@@ -255,10 +255,10 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
   DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms)
-                            : decode_plan(N, K, r, (int)M, (int)x.element_size(), sms);
+                            : decode_plan(N, K, r, sms);
   if (splits > 0)
     plan = reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits)
-                   : decode_plan_with_splits(N, K, r, (int)M, (int)x.element_size(), (int)splits);
+                   : decode_plan_with_splits(N, K, r, (int)splits);
   auto y = at::empty({M, N}, x.options());
   at::Tensor ws;
   int* counters = nullptr;
