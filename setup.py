@@ -6,13 +6,16 @@ Package metadata lives in pyproject.toml; this file only decides about the exten
     LORDS_BUILD_CUDA=0   pure-Python package (reference and Triton backends)
     unset                build the extension when torch is importable here, is a CUDA build and a CUDA
                          toolkit (nvcc) is found; otherwise pure Python
-    LORDS_CUDA_ARCH      architectures, e.g. "8.0;9.0+PTX" (default), "9.0a", "8.0 8.6 8.9 9.0".
-                         "+PTX" also embeds PTX for newer GPUs; "9.0a" builds sm_90a machine code.
+    LORDS_CUDA_ARCH      architectures, e.g. "8.0;9.0a+PTX" (default), "9.0a", "8.0 8.6 8.9 9.0".
+                         "+PTX" also embeds PTX for newer GPUs (for "9.0a+PTX" the portable
+                         compute_90 PTX); "9.0a" builds sm_90a machine code.
     MAX_JOBS             parallel compile jobs (ninja)
 
-The default "8.0;9.0+PTX" covers sm_80, sm_86, sm_89 (machine code for 8.0 runs on every 8.x GPU) and
-sm_90, plus PTX for later GPUs. The kernels use no Hopper-only instruction (mma.sync, not wgmma), so
-there is no sm_90a object by default; ask for "9.0a" to get one.
+The default "8.0;9.0a+PTX" covers sm_80, sm_86, sm_89 (machine code for 8.0 runs on every 8.x GPU) and
+sm_90 (as sm_90a machine code: the re-associated decode kernel has a wgmma variant, csrc/reassoc_gemv.cu),
+plus compute_90 PTX for later GPUs. The wgmma variant is compiled in, and used on a 9.0 GPU, only when
+the list has sm_90a machine code and no plain sm_90 machine code (macro LORDS_SM90A): with both, the
+driver could load either image.
 
 torch must be importable by the build: `pip install --no-build-isolation .` (pip's default isolated
 build environment has no torch, which gives the pure-Python package and says so).
@@ -28,7 +31,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCH = "8.0;9.0+PTX"
+DEFAULT_ARCH = "8.0;9.0a+PTX"
 
 
 def say(msg: str) -> None:
@@ -36,22 +39,37 @@ def say(msg: str) -> None:
     print(f"lords-ext setup: {msg}", file=sys.stderr, flush=True)
 
 
-def gencode_flags(spec: str) -> list[str]:
-    """'8.0;9.0+PTX' / 'sm_90a' / '90' -> nvcc -gencode flags."""
-    flags: list[str] = []
+def parse_arch(spec: str) -> list[tuple[str, bool]]:
+    """'8.0;9.0a+PTX' -> [('80', False), ('90a', True)]: (cc with its 'a' suffix, embed PTX)."""
+    out = []
     for item in re.split(r"[;,\s]+", spec.strip()):
         if not item:
             continue
         m = re.fullmatch(r"(?:sm_|compute_)?(\d)\.?(\d)(a?)(\+PTX)?", item, flags=re.IGNORECASE)
         if m is None:
             raise SystemExit(f"LORDS_CUDA_ARCH: expected entries like '8.0', '9.0a', '9.0+PTX' or 'sm_90', got {item!r}")
-        cc = f"{m.group(1)}{m.group(2)}{m.group(3).lower()}"
-        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
-        if m.group(4):
-            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
-    if not flags:
+        out.append((f"{m.group(1)}{m.group(2)}{m.group(3).lower()}", bool(m.group(4))))
+    if not out:
         raise SystemExit("LORDS_CUDA_ARCH: no architecture given")
+    return out
+
+
+def gencode_flags(spec: str) -> list[str]:
+    """'8.0;9.0+PTX' / 'sm_90a' / '90' -> nvcc -gencode flags. PTX for an 'a' target is the portable one
+    (compute_90 for 9.0a): arch-specific PTX would not run on any later GPU."""
+    flags: list[str] = []
+    for cc, ptx in parse_arch(spec):
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if ptx:
+            plain = cc.rstrip("a")
+            flags.append(f"-gencode=arch=compute_{plain},code=compute_{plain}")
     return flags
+
+
+def sm90a_only(spec: str) -> bool:
+    """sm_90a machine code and no plain sm_90 code: a 9.0 GPU then runs the sm_90a image (LORDS_SM90A)."""
+    ccs = [cc for cc, _ in parse_arch(spec)]
+    return "90a" in ccs and "90" not in ccs
 
 
 def locate_cuda_home() -> None:
@@ -115,7 +133,7 @@ def cuda_extension():
         name="lords_ext._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
-        define_macros=[("LORDS_PYTHON_MODULE", "1")],
+        define_macros=[("LORDS_PYTHON_MODULE", "1")] + ([("LORDS_SM90A", "1")] if sm90a_only(arch) else []),
         extra_compile_args={"cxx": ["-O3", "-std=c++20", "-Wall", "-Werror"], "nvcc": nvcc},
     )
 

@@ -5,7 +5,7 @@
 #   bash bench/cuda_check_h100.sh                       (OUT is set by the device tool)
 #   bash bench/cuda_check_h100.sh dequant_paths --ms 32,64,256,1024,4096
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
-timeout 150 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py > "$OUT/pytest.log" 2>&1
+timeout "${LORDS_PYTEST_TIMEOUT:-240}" python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -n 15 "$OUT/pytest.log"
 timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 bench/sanitize_cuda.py > "$OUT/sanitize.log" 2>&1
 echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|worst" "$OUT/sanitize.log"

@@ -1,7 +1,8 @@
 """Small-M kernel paths of the CUDA backend, side by side, on the H100.
 
 For each Llama-3-8B shape (4-bit NF4, parity rank for block 64) and M in --ms, times in one process:
-the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64),
+the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64; its
+wgmma variant where this build and GPU run it) and the same kernel on mma.sync alone (path 3),
 the automatic choice (path -1), with --sweep split-K sweeps of both fused kernels, and the contenders of
 bench/methods.py that are available (cuBLAS bf16, bitsandbytes NF4, torch int4, the read floor). Same timing method as
 bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
             fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4
             if fits:
                 rec["reassoc_us"], rec["reassoc_err"] = lords_path(2)
+                rec["reassoc_mma_us"], _ = lords_path(3)
                 if a.sweep:
                     rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
             rec["auto_us"], _ = lords_path(-1)
@@ -114,12 +116,14 @@ def main(argv=None) -> int:
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
     nan = float("nan")
-    print("\n| N x K (r) | M | direct | re-assoc | auto | cuBLAS | bnb NF4 | torch int4 | floor | auto/floor | bnb/auto | int4/auto |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    feats = torch.ops.lords.cuda_features()
+    print(f"\n{feats}")
+    print("\n| N x K (r) | M | direct | re-assoc | re-assoc mma.sync | auto | cuBLAS | bnb NF4 | torch int4 | floor | auto/floor | bnb/auto | int4/auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in rows:
         au = d["auto_us"]
         print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['direct_us']:.2f} | {d.get('reassoc_us', nan):.2f} | "
-              f"{au:.2f} | {d.get('cublas_us', nan):.2f} | {d.get('bnb_nf4_us', nan):.2f} | "
+              f"{d.get('reassoc_mma_us', nan):.2f} | {au:.2f} | {d.get('cublas_us', nan):.2f} | {d.get('bnb_nf4_us', nan):.2f} | "
               f"{d.get('torch_int4_us', nan):.2f} | {d['floor_us']:.2f} | {au / d['floor_us']:.2f} | "
               f"{d.get('bnb_nf4_us', nan) / au:.2f} | {d.get('torch_int4_us', nan) / au:.2f} |")
     return 0

@@ -30,6 +30,7 @@ struct DecodeArgs {
   int r;
   int splits;               // from decode_plan
   int k_per_split;          // from decode_plan
+  bool allow_wgmma = true;  // reassoc_gemv: its sm_90a wgmma variant where it can run (false: mma.sync)
 };
 
 constexpr int kDecodeMaxM = 16;
@@ -56,6 +57,8 @@ inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms);
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits);
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream);
+bool reassoc_wgmma_built();  // compiled with its sm_90a wgmma variant (LORDS_SM90A)
+bool reassoc_wgmma_ready();  // ... and the current GPU runs it (compute capability 9.0)
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.
 struct DequantArgs {

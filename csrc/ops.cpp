@@ -7,7 +7,8 @@
 //   lords::dequant_matmul_cuda(x, qweight, B, A, codebook, bias=None, path=-1, splits=0) -> y [M, N]
 //     in x.dtype. path -1: automatic (re-associated kernel for M = 1 and 16 < r <= 64, else the fused
 //     decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
-//     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64).
+//     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64; its wgmma
+//     variant where the sm_90a image runs), 3: the re-associated kernel on mma.sync only (for A/B timing).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
@@ -210,15 +211,16 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   LORDS_REQUIRE(x.dim() == 2, "x: expected 2-D [M, K], got shape ", shape_str(x));
   LORDS_REQUIRE(x.is_contiguous(), "x: expected a contiguous tensor");
   LORDS_REQUIRE(splits >= 0, "splits: expected 0 (automatic) or a positive split-K count, got ", splits);
-  LORDS_REQUIRE(path >= -1 && path <= 2,
-                "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS) or 2 (re-associated), got ", path);
+  LORDS_REQUIRE(path >= -1 && path <= 3,
+                "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS), 2 (re-associated) or 3 "
+                "(re-associated, mma.sync only), got ", path);
   LORDS_REQUIRE(A.dim() == 2 && x.size(1) == A.size(1), "x: expected shape [M, K] with K = A.shape[1], got x ",
                 shape_str(x), " and A ", shape_str(A));
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
   LORDS_REQUIRE(path != 0 || M <= kDecodeMaxM, "x: the fused decode kernel (path=0) takes M <= ", (int)kDecodeMaxM,
                 " rows, got M=", M);
-  LORDS_REQUIRE(path != 2 || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1))),
-                "x: the re-associated kernel (path=2) takes M <= ", (int)kReassocMaxM,
+  LORDS_REQUIRE((path != 2 && path != 3) || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1))),
+                "x: the re-associated kernel (path=2, 3) takes M <= ", (int)kReassocMaxM,
                 " and M * ceil(r/8)*8 <= 64, got M=", M, ", r=", B.dim() == 2 ? B.size(1) : -1);
   if (bias.has_value()) {
     const auto& b = *bias;
@@ -240,7 +242,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   TORCH_CHECK(valid_weight(qweight, B_in, A_in, codebook, x.device(), &bits), t_error.c_str());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
-  const bool reassoc = path == 2 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
+  const bool reassoc = path == 2 || path == 3 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
   const bool fused = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
   if (M == 0) return at::empty({0, N}, x.options());
   if (!fused) {
@@ -284,7 +286,8 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                K,
                r,
                plan.splits,
-               plan.k_per_split};
+               plan.k_per_split,
+               path != 3};
   if (reassoc)
     reassoc_gemv(a, c10::cuda::getCurrentCUDAStream());
   else
@@ -303,10 +306,18 @@ at::Tensor dequant_matmul_meta(const at::Tensor& x, const at::Tensor& qweight, c
   return at::empty({x.size(0), B.size(0)}, x.options());
 }
 
+// What this build and GPU run, for `lords info` and the GPU tests: "reassoc_wgmma_built=0|1
+// reassoc_wgmma_ready=0|1" (ready: built, and the current GPU is compute capability 9.0).
+std::string cuda_features() {
+  return std::string("reassoc_wgmma_built=") + (reassoc_wgmma_built() ? "1" : "0") +
+         " reassoc_wgmma_ready=" + (reassoc_wgmma_ready() ? "1" : "0");
+}
+
 }  // namespace
 }  // namespace lords
 
 TORCH_LIBRARY_FRAGMENT(lords, m) {
+  m.def("cuda_features() -> str", &lords::cuda_features);
   m.def("dequant_cuda(Tensor qweight, Tensor B, Tensor A, Tensor codebook, int superchunks=0) -> Tensor");
   m.def(
       "dequant_matmul_cuda(Tensor x, Tensor qweight, Tensor B, Tensor A, Tensor codebook, Tensor? bias=None, "

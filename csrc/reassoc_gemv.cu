@@ -30,6 +30,7 @@
 // per column tile), so r8 = 56 runs 7 tiles rather than 8.
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
+#include "wgmma_rs.cuh"
 
 #include <algorithm>
 #include <stdexcept>
@@ -53,6 +54,42 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t saddr) {
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(saddr));
   return v;
 }
+
+// Hopper (sm_90a) variant, template flag WG: the product T = C @ Z^T runs as one wgmma per 16-row tile
+// and k-tile for the whole warpgroup (m64nNk16, N = 8 NJ): C from registers exactly as for mma.sync
+// (the A layout of wgmma's register operand is that of m16n8k16, warp w of the warpgroup holding rows
+// 16w .. 16w+15, which may be any rows), Z read by the tensor cores straight from shared memory through a
+// descriptor. That removes the NJ Z-fragment LDS.64 per k-tile from every warp (the MIO traffic that bound
+// the r = 49 launch) and the NJ mma.sync of each tile become one asynchronous instruction, so a warp
+// looks up the next k-tile's codes while the current product runs.
+// Z layout for WG, per (superchunk, k-tile) tile of 8 NJ columns x 16 k-positions: wgmma's K-major
+// no-swizzle canonical form, 8x8 core matrices of 128 contiguous bytes (8 columns x 8 positions), core
+// (jt, kh) (columns 8 jt .., positions 8 kh ..) at byte (2 jt + kh) * 128 of the tile. Same bytes per tile
+// as the mma.sync fragment order (NJ * 256).
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address >> 4 in bits 0-13, the
+// leading-dimension byte offset (between core matrices along K: 128) >> 4 in bits 16-29, the
+// stride-dimension byte offset (along N: 256) >> 4 in bits 32-45, no swizzle. A tile's descriptor is this
+// plus (byte offset >> 4): shared addresses stay under 2^18, so the start field never carries over.
+__device__ __forceinline__ uint64_t z_desc(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
+}
+
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
   return cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 48 ? 6 : cols <= 56 ? 7 : 8;
@@ -100,7 +137,7 @@ __host__ __device__ constexpr int rows_per_block() { return re_warps<NJ>() * 16 
 // paths in the kernel at all, which the SASS of the generic version showed to be most of its main loop.
 // MAXM: the largest token count the epilogue handles (1 for the one-token launch: no per-token
 // selection, one shuffle pair per row).
-template <typename T, int BITS, int NJ, bool FAST, int MAXM>
+template <typename T, int BITS, int NJ, bool FAST, int MAXM, bool WG>
 __global__ void __launch_bounds__(re_threads<NJ>(), 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
@@ -150,6 +187,24 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
   // The prologue is latency, not work: every global load below is issued before its first use, so the
   // block pays about one DRAM round trip (the codes) with the L2 round trips of the codebook and of
   // A and x hidden under it.
+  // Z item idx (the mma.sync fragment-order index of its first k-tile, see the general staging below)
+  // from lane l: the pairs (p0, p1) of k-tile 2 sp and (p2, p3) of k-tile 2 sp + 1. For WG the same
+  // values go to the core-matrix layout: the k-tile's tile starts at word 2 (idx - l) - 64 jt, column
+  // jt*8 + l/4 is row l/4 of core (jt, kh), positions 2t, 2t+1 (kh = 0: p0) and 8+2t, 9+2t (kh = 1: p1),
+  // i.e. words 2 idx - l and 2 idx - l + 32; the next k-tile's tile follows NJ*64 words later.
+  auto store_z = [&](int idx, int l, uint32_t p0, uint32_t p1, uint32_t p2, uint32_t p3) {
+    if constexpr (WG) {
+      uint32_t* zw = reinterpret_cast<uint32_t*>(zst) + (2 * idx - l);
+      zw[0] = p0;
+      zw[32] = p1;
+      zw[NJ * 64] = p2;
+      zw[NJ * 64 + 32] = p3;
+    } else {
+      zst[idx] = make_uint2(p0, p1);
+      zst[idx + NJ * 32] = make_uint2(p2, p3);
+    }
+  };
+
   Codes<BITS> ring[kDepth][NT][2];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
@@ -184,8 +239,8 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         if (idx[u] < 0) break;
-        zst[idx[u]] = make_uint2(Mma<T>::mul2(av[u].x, xv[u].x), Mma<T>::mul2(av[u].y, xv[u].y));
-        zst[idx[u] + NJ * 32] = make_uint2(Mma<T>::mul2(av[u].z, xv[u].z), Mma<T>::mul2(av[u].w, xv[u].w));
+        store_z(idx[u], lane, Mma<T>::mul2(av[u].x, xv[u].x), Mma<T>::mul2(av[u].y, xv[u].y),
+                Mma<T>::mul2(av[u].z, xv[u].z), Mma<T>::mul2(av[u].w, xv[u].w));
       }
     }
   } else
@@ -233,12 +288,16 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
         float z[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) z[i] = Mma<T>::to_float(av[u].h[i]) * Mma<T>::to_float(xv[u].h[i]);
-        zst[idx[u]] = make_uint2(Mma<T>::pack(z[0], z[1]), Mma<T>::pack(z[2], z[3]));
-        zst[idx[u] + NJ * 32] = make_uint2(Mma<T>::pack(z[4], z[5]), Mma<T>::pack(z[6], z[7]));
+        store_z(idx[u], lane, Mma<T>::pack(z[0], z[1]), Mma<T>::pack(z[2], z[3]),
+                Mma<T>::pack(z[4], z[5]), Mma<T>::pack(z[6], z[7]));
       }
     }
   }
-  __syncthreads();  // levels[]
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Z written by ordinary stores is read next by the tensor cores (the async proxy).
+  if constexpr (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+  __syncthreads();  // levels[], Z
 
   // Pair table: entry p holds (codebook[p & mask], codebook[p >> BITS]) as the two 16-bit halves the
   // mma operand wants (low half = lower k). One item per (entry, 4-lane group): 16-byte stores.
@@ -269,6 +328,61 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
   // form compiled to SHF + IMAD.SHL + LOP3 + LEA per look-up (SASS of the v4 kernel).
   const uint32_t lut_base = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
   const uint32_t lane4 = 4u * lane;
+  // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
+  auto lookup = [&](uint32_t (&a)[4], const Codes<BITS> (&c)[2], int s) {
+    if constexpr (BITS == 4) {
+      const uint32_t wa = c[0].w[s / 2], wb = c[1].w[s / 2];
+      const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
+      a[0] = lds_u32(lut_base + __byte_perm(wa, lane4, sel0));
+      a[1] = lds_u32(lut_base + __byte_perm(wb, lane4, sel0));
+      a[2] = lds_u32(lut_base + __byte_perm(wa, lane4, sel1));
+      a[3] = lds_u32(lut_base + __byte_perm(wb, lane4, sel1));
+    } else {
+      const uint32_t va = c[0].raw(s), vb = c[1].raw(s);
+      a[0] = my_lut[(va & kPairMask) * 32];
+      a[1] = my_lut[(vb & kPairMask) * 32];
+      a[2] = my_lut[((va >> kPairBits) & kPairMask) * 32];
+      a[3] = my_lut[((vb >> kPairBits) & kPairMask) * 32];
+    }
+  };
+  if constexpr (WG) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    // One commit group per k-tile, at most two in flight: the look-ups of k-tile s+1 overlap the
+    // wgmmas of k-tile s, whose operand registers stay untouched until the wait below releases them.
+    const uint64_t desc0 = z_desc(static_cast<uint32_t>(__cvta_generic_to_shared(zst)));
+    for (int base = 0; base < nsc; base += kDepth) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int sc = base + d;
+        if (sc >= nsc) break;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          uint32_t a[NT][4];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) lookup(a[nt], ring[d][nt], s);
+          const uint64_t desc = desc0 + (uint64_t)((sc * 8 + s) * NJ * 16);  // tile bytes NJ*256, >> 4
+          wgmma_fence();
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            WgmmaRS<T, NJ * 8>::run(reinterpret_cast<float (&)[NJ * 4]>(acc[nt]), a[nt], desc);
+          wgmma_commit();
+          wgmma_wait<1>();
+        }
+        if (sc + kDepth < nsc) load_codes(ring[d], sc + kDepth);
+      }
+    }
+    wgmma_wait<0>();
+    // The accumulators were written behind the compiler's back: no read of them may move above the wait.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int jt = 0; jt < NJ; ++jt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(acc[nt][jt][i])::"memory");
+#else
+    __trap();  // the host launches WG kernels only where the sm_90a image runs (wgmma_ready_here)
+#endif
+  } else
   for (int base = 0; base < nsc; base += kDepth) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
@@ -282,22 +396,8 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
         for (int jt = 0; jt < NJ; ++jt) zb[jt] = zsc[(s * NJ + jt) * 32];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          // a0/a2: row g, k-positions (2t, 2t+1) / (2t+8, 2t+9) = codes (0, 1) / (2, 3) of the quad; a1/a3: row g+8.
           uint32_t a[4];
-          if constexpr (BITS == 4) {
-            const uint32_t wa = ring[d][nt][0].w[s / 2], wb = ring[d][nt][1].w[s / 2];
-            const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
-            a[0] = lds_u32(lut_base + __byte_perm(wa, lane4, sel0));
-            a[1] = lds_u32(lut_base + __byte_perm(wb, lane4, sel0));
-            a[2] = lds_u32(lut_base + __byte_perm(wa, lane4, sel1));
-            a[3] = lds_u32(lut_base + __byte_perm(wb, lane4, sel1));
-          } else {
-            const uint32_t va = ring[d][nt][0].raw(s), vb = ring[d][nt][1].raw(s);
-            a[0] = my_lut[(va & kPairMask) * 32];
-            a[1] = my_lut[(vb & kPairMask) * 32];
-            a[2] = my_lut[((va >> kPairBits) & kPairMask) * 32];
-            a[3] = my_lut[((vb >> kPairBits) & kPairMask) * 32];
-          }
+          lookup(a, ring[d][nt], s);
 #pragma unroll
           for (int jt = 0; jt < NJ; ++jt) Mma<T>::mma(acc[nt][jt], a, zb[jt].x, zb[jt].y);
         }
@@ -433,13 +533,35 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
                      &counters[blockIdx.x]);
 }
 
+// The WG kernels run only where the loaded image is the sm_90a one: setup.py defines LORDS_SM90A when it
+// builds sm_90a machine code and no plain sm_90 code (so a compute-capability-9.0 GPU cannot pick the
+// latter), and the GPU must be exactly 9.0 (sm_90a code runs nowhere else). Cached per device.
+bool wgmma_ready_here() {
+#if defined(LORDS_SM90A)
+  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    cached[dev] = ok && major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[dev] == 1;
+#else
+  return false;
+#endif
+}
+
 template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
-  auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM>
-                : a.M == 1 ? reassoc_kernel<T, BITS, NJ, true, 1>
-                           : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM>;
+  const bool wg = fast && a.allow_wgmma && wgmma_ready_here();
+  auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>
+                : a.M == 1 ? (wg ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, 1, false>)
+                           : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
+                                 : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>);
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
   // Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB
   // needs it, and a launch that exceeds the opt-in fails with "invalid argument".
@@ -448,8 +570,9 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   cudaGetDevice(&dev);
   const size_t cap = smem_cap();
   if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM>,
-                   reassoc_kernel<T, BITS, NJ, false, kReassocMaxM>}) {
+    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1, false>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>,
+                   reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>, reassoc_kernel<T, BITS, NJ, true, 1, true>,
+                   reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}) {
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
       if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
     }
@@ -488,6 +611,15 @@ Fn pick_bits(int bits, int nj) {
 }
 
 }  // namespace
+
+bool reassoc_wgmma_built() {
+#if defined(LORDS_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+bool reassoc_wgmma_ready() { return wgmma_ready_here(); }
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 

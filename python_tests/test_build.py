@@ -41,9 +41,23 @@ def test_gencode_flags(setup_ns):
     assert flags("sm_86 89") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_89,code=sm_89"]
     with pytest.raises(SystemExit, match="LORDS_CUDA_ARCH"):
         flags("hopper")
-    # The default covers sm_80..sm_89 (8.0 machine code runs on every 8.x GPU) and sm_90.
+    # 9.0a+PTX: sm_90a machine code and the portable compute_90 PTX (compute_90a PTX runs on no later GPU).
+    assert flags("9.0a+PTX") == ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]
+    # The default covers sm_80..sm_89 (8.0 machine code runs on every 8.x GPU), sm_90 as sm_90a machine code
+    # (the wgmma kernel), PTX for later GPUs.
     default = flags(setup_ns["DEFAULT_ARCH"])
-    assert "-gencode=arch=compute_80,code=sm_80" in default and "-gencode=arch=compute_90,code=sm_90" in default
+    assert default == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+
+
+def test_sm90a_only_decides_the_wgmma_macro(setup_ns):
+    only = setup_ns["sm90a_only"]
+    assert only(setup_ns["DEFAULT_ARCH"]) and only("9.0a") and only("8.0 9.0a")
+    # plain sm_90 code beside sm_90a: a 9.0 GPU could load either image, so no wgmma kernel
+    assert not only("9.0;9.0a") and not only("8.0;9.0+PTX") and not only("9.0")
 
 
 def test_sources_are_the_csrc_files(setup_ns):

@@ -155,31 +155,49 @@ def test_fused_and_cublas_paths_agree(bits, M):
     assert rel(y0, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 
 
+@pytest.mark.parametrize("path", [2, 3])  # 2: the wgmma variant where it runs, 3: mma.sync only
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "M,N,K,r",
     [
-        (1, 4096, 4096, 32),
-        (1, 14336, 4096, 49),
-        (2, 4096, 4096, 32),
+        (1, 4096, 4096, 32),  # 4 column tiles
+        (1, 14336, 4096, 49),  # 7
+        (2, 4096, 4096, 32),  # 8
         (1, 1000, 1024, 17),  # N not a multiple of 256
+        (1, 777, 2048, 12),  # 2 column tiles
+        (2, 640, 1024, 24),  # 6 column tiles, two tokens
         (3, 520, 1032, 5),  # K not a multiple of 128 (scalar path)
         (4, 257, 8200, 9),
         (1, 300, 392, 64),
     ],
 )
-def test_reassociated_path_all_bits(M, N, K, r, bits, dtype):
+def test_reassociated_path_all_bits(M, N, K, r, bits, dtype, path):
     x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 31 + M + r)
     ref = ref_matmul(x, qweight, B, A, cb, bias)
     for splits in (0, 1, 3):
         poison(M * N * 64)
-        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, splits)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path, splits)
         assert y.shape == (M, N) and y.dtype == dtype
         assert rel(y, ref) < TOL, f"splits={splits}"
     y0 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 0)
     assert rel(y, y0.float()) < TOL
-    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, 3))
+    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path, 3))
+
+
+def test_wgmma_variant_runs_on_hopper():
+    # The default build (sm_90a machine code, setup.py) must run the wgmma variant on a 9.0 GPU, and the
+    # two variants must agree closely (same products, different summation order inside the tensor cores).
+    feats = torch.ops.lords.cuda_features()
+    built = "reassoc_wgmma_built=1" in feats
+    if torch.cuda.get_device_capability() == (9, 0) and built:
+        assert "reassoc_wgmma_ready=1" in feats, feats
+    elif not built:
+        pytest.skip(f"extension built without the sm_90a variant ({feats})")
+    x, qweight, B, A, cb, bias = make(1, 4096, 4096, 49, 4, seed=5)
+    y2 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
+    y3 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 3)
+    assert rel(y2, y3.float()) < 1e-2
 
 
 def test_reassociated_path_rejects_wide_inputs():

@@ -4,7 +4,8 @@ Ops it calls (registered by csrc/ops.cpp):
   torch.ops.lords.dequant_matmul_cuda(x2d, qweight, B, A, codebook, bias, path, splits)
       path -1: re-associated kernel for M = 1 and 16 < r <= 64 (csrc/reassoc_gemv.cu), fused
       tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
-      re-associated kernel (M * ceil(r/8)*8 <= 64);
+      re-associated kernel (M * ceil(r/8)*8 <= 64; on a 9.0 GPU with the default sm_90a build its
+      wgmma variant), path 3 the same kernel on mma.sync alone (for A/B timing);
       splits 0: the kernel's own split-K plan (other values are for tuning).
   torch.ops.lords.dequant_cuda(qweight, B, A, codebook, superchunks=0) -> W in B.dtype (float16 / bfloat16);
     superchunks (128-wide k ranges per block) is a tuning knob, 0 = the kernel's choice.
