@@ -54,11 +54,15 @@ bool reassoc_fits(int M, int r);  // M <= kReassocMaxM and M * ceil(r/8)*8 <= 64
 // Where path -1 takes it: one token and 16 < r <= 64 (H100, bench/cuda_notes.md: 4096x4096 r=32 14.0 vs
 // 15.2 us for the direct kernel, 14336x4096 r=49 46 vs 94 us; at r=12 and at M=2 the direct one wins).
 inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64; }
-DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms);
-DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits);
+// wg: the launch takes the wgmma variant (reassoc_uses_wgmma), whose blocks cover 512 rows.
+DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg);
+DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits, bool wg);
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream);
 bool reassoc_wgmma_built();  // compiled with its sm_90a wgmma variant (LORDS_SM90A)
 bool reassoc_wgmma_ready();  // ... and the current GPU runs it (compute capability 9.0)
+// reassoc_gemv takes the wgmma variant for these inputs: ready, allowed (DecodeArgs::allow_wgmma) and
+// the 16-byte load path (vector_path_ok).
+bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow);
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.
 struct DequantArgs {

@@ -256,10 +256,11 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const at::Tensor A = A_in.to(x.scalar_type()).contiguous();
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
-  DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms)
+  const bool wg = reassoc && reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A.data_ptr(), path != 3);
+  DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                             : decode_plan(N, K, r, sms);
   if (splits > 0)
-    plan = reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits)
+    plan = reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits, wg)
                    : decode_plan_with_splits(N, K, r, (int)splits);
   auto y = at::empty({M, N}, x.options());
   at::Tensor ws;

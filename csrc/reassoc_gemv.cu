@@ -106,10 +106,14 @@ size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 +
 // (H100, session 6: 14336x4096 r = 49 M = 1, 39.5 -> 37.4 us). At 8 column tiles the same layout measured
 // slower (1024x4096 r = 12 M = 4: 11.4 -> 13.9 us; 4096x4096 r = 32 M = 2: 16.6 -> 17.1 us), so NJ = 8
 // keeps 16 warps of one row tile.
-template <int NJ>
-__host__ __device__ constexpr int re_warps() { return NJ == 6 || NJ == 7 ? 8 : 16; }
-template <int NJ>
-__host__ __device__ constexpr int re_threads() { return re_warps<NJ>() * 32; }
+// The WG variant holds no Z fragments in registers (128 or fewer at every NJ with two row tiles), so it
+// runs 16 warps x 2 row tiles = 512 rows at every NJ: the Z staging, a per-block cost, is then shared by
+// twice the rows of the 8-warp layout at NJ = 6, 7 (H100, session 9: 8 warps x 2 row tiles with wgmma ran
+// 14336x4096 r = 49 M = 1 in 40.4 us against 38.2 on mma.sync).
+template <int NJ, bool WG = false>
+__host__ __device__ constexpr int re_warps() { return !WG && (NJ == 6 || NJ == 7) ? 8 : 16; }
+template <int NJ, bool WG = false>
+__host__ __device__ constexpr int re_threads() { return re_warps<NJ, WG>() * 32; }
 // 224 KB: the 64 KB pair table must not shrink the superchunks a split may stage (at 160 KB the
 // r = 49 shapes went from 4 to 6 splits: 336 blocks, 2.5 waves, +6 % at M = 1 on the H100).
 constexpr size_t kReassocSmemCap = 224 * 1024;
@@ -128,24 +132,24 @@ size_t smem_cap() {
   return (size_t)cached[dev];
 }
 
-template <int NJ>
-__host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
-template <int NJ>
-__host__ __device__ constexpr int rows_per_block() { return re_warps<NJ>() * 16 * row_tiles<NJ>(); }
+template <int NJ, bool WG = false>
+__host__ __device__ constexpr int row_tiles() { return !WG && NJ >= 8 ? 1 : 2; }
+template <int NJ, bool WG = false>
+__host__ __device__ constexpr int rows_per_block() { return re_warps<NJ, WG>() * 16 * row_tiles<NJ, WG>(); }
 
 // FAST: K % 128 == 0 and 16-byte aligned x, qweight, A (vector_path_ok): no bounds checks or byte-wise
 // paths in the kernel at all, which the SASS of the generic version showed to be most of its main loop.
 // MAXM: the largest token count the epilogue handles (1 for the one-token launch: no per-token
 // selection, one shuffle pair per row).
 template <typename T, int BITS, int NJ, bool FAST, int MAXM, bool WG>
-__global__ void __launch_bounds__(re_threads<NJ>(), 1)
+__global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
                    int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
                    long N, long K, int r, int kc) {
   constexpr bool fast = FAST;
-  constexpr int NT = row_tiles<NJ>();
-  constexpr int kRows = rows_per_block<NJ>();
+  constexpr int NT = row_tiles<NJ, WG>();
+  constexpr int kRows = rows_per_block<NJ, WG>();
   extern __shared__ uint4 smem_dyn[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem_dyn);
   uint2* zst = reinterpret_cast<uint2*>(lut + lut_words(BITS));
@@ -536,6 +540,14 @@ __global__ void __launch_bounds__(re_threads<NJ>(), 1)
 // The WG kernels run only where the loaded image is the sm_90a one: setup.py defines LORDS_SM90A when it
 // builds sm_90a machine code and no plain sm_90 code (so a compute-capability-9.0 GPU cannot pick the
 // latter), and the GPU must be exactly 9.0 (sm_90a code runs nowhere else). Cached per device.
+bool wgmma_ready_here();
+
+// Whether run() takes the WG kernel for these inputs (the split plan depends on it: 512-row blocks).
+bool wg_for(long K, const void* x, const void* qweight, const void* A, bool allow) {
+  const void* ptrs[] = {x, qweight, A};
+  return allow && vector_path_ok(K, ptrs, 3) && wgmma_ready_here();
+}
+
 bool wgmma_ready_here() {
 #if defined(LORDS_SM90A)
   static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
@@ -557,7 +569,7 @@ template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
-  const bool wg = fast && a.allow_wgmma && wgmma_ready_here();
+  const bool wg = wg_for(a.K, a.x, a.qweight, a.A, a.allow_wgmma);
   auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>
                 : a.M == 1 ? (wg ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, 1, false>)
                            : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
@@ -579,8 +591,9 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
     if (dev >= 0 && dev < 64) opted_in[dev] = true;
   }
   if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
-  dim3 grid((unsigned)((a.N + rows_per_block<NJ>() - 1) / rows_per_block<NJ>()), (unsigned)a.splits);
-  kernel<<<grid, re_threads<NJ>(), smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+  const int rows = wg ? rows_per_block<NJ, true>() : rows_per_block<NJ, false>();
+  dim3 grid((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits);
+  kernel<<<grid, wg ? re_threads<NJ, true>() : re_threads<NJ, false>(), smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
                                            a.K, a.r, a.k_per_split);
@@ -620,25 +633,33 @@ bool reassoc_wgmma_built() {
 #endif
 }
 bool reassoc_wgmma_ready() { return wgmma_ready_here(); }
+bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow) {
+  return wg_for(K, x, qweight, A, allow);
+}
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 
-int block_rows(int nj) { return nj >= 6 ? rows_per_block<8>() : rows_per_block<4>(); }
+static int block_rows(int nj, bool wg) {
+  if (wg) return rows_per_block<8, true>();
+  return nj >= 6 ? rows_per_block<8>() : rows_per_block<4>();
+}
 static_assert(rows_per_block<6>() == rows_per_block<8>() && rows_per_block<7>() == rows_per_block<8>() &&
               rows_per_block<2>() == rows_per_block<4>());
+static_assert(rows_per_block<2, true>() == rows_per_block<8, true>() && rows_per_block<6, true>() == 512 &&
+              rows_per_block<7, true>() == 512 && rows_per_block<4, true>() == 512);
 
 // The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
 static long max_superchunks(int M, int r, int bits) {
   return std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(column_tiles(M, r), 1));
 }
 
-static long row_blocks(long N, int M, int r) {
-  const int rows = block_rows(column_tiles(M, r));
+static long row_blocks(long N, int M, int r, bool wg) {
+  const int rows = block_rows(column_tiles(M, r), wg);
   return (N + rows - 1) / rows;
 }
 
-DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int want) {
-  const long n_blocks = row_blocks(N, M, r);
+DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int want, bool wg) {
+  const long n_blocks = row_blocks(N, M, r, wg);
   const long k_super = (K + kSuper - 1) / kSuper;
   long splits = std::max<long>(1, min_l(k_super, want));
   long sc_per = (k_super + splits - 1) / splits;
@@ -649,13 +670,13 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), n_blocks};
 }
 
-DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
+DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg) {
   // One block per SM is resident, so a launch takes ceil(blocks / SMs) waves, each as long as a block:
   // a fixed part (table build, Z staging set-up, split-K arrival; ~1 superchunk) plus its superchunks.
   // Pick the split count with the fewest such units, fewer splits on ties (less reduction traffic).
   // The first version asked for ceil(SMs / row blocks) splits, which left 4096x14336 (r = 49) at 2 waves
   // of 10 superchunks where 2 waves of 7 fit (H100: 52 us at M = 1).
-  const long n_blocks = row_blocks(N, M, r);
+  const long n_blocks = row_blocks(N, M, r, wg);
   const long k_super = (K + kSuper - 1) / kSuper;
   const long max_sc = max_superchunks(M, r, bits);
   long best = 1, best_cost = -1;
@@ -665,7 +686,7 @@ DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms) {
     const long cost = ((n_blocks * s + sms - 1) / std::max(1, sms)) * (1 + sc);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }
-  return reassoc_plan_with_splits(N, K, r, M, bits, (int)best);
+  return reassoc_plan_with_splits(N, K, r, M, bits, (int)best, wg);
 }
 
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream) {
