@@ -91,14 +91,12 @@ def main(argv=None) -> int:
                 k_super = -(-K // 128)
                 rec["direct_sweep"] = {sp: lords_path(0, sp)[0] for sp in (1, 2, 3, 4, 6, 7, 8, 11, 16, 32)
                                        if sp <= k_super}
-            cols = M * ((lw.r + 7) // 8) * 8
-            wide_ok = "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
-            if M <= 4 and cols <= (128 if wide_ok else 64):
+            fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4
+            if fits:
                 rec["reassoc_us"], rec["reassoc_err"] = lords_path(2)
-            if M <= 4 and cols <= 64:
                 rec["reassoc_mma_us"], _ = lords_path(3)
-            if a.sweep and "reassoc_us" in rec:
-                rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
+                if a.sweep:
+                    rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
             rec["auto_us"], _ = lords_path(-1)
             for key, c in others.items():
                 try:

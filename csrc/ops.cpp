@@ -219,10 +219,9 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
   LORDS_REQUIRE(path != 0 || M <= kDecodeMaxM, "x: the fused decode kernel (path=0) takes M <= ", (int)kDecodeMaxM,
                 " rows, got M=", M);
-  LORDS_REQUIRE((path != 2 && path != 3) || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1), path == 2 && reassoc_wgmma_ready())),
+  LORDS_REQUIRE((path != 2 && path != 3) || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1))),
                 "x: the re-associated kernel (path=2, 3) takes M <= ", (int)kReassocMaxM,
-                " and M * ceil(r/8)*8 <= 64 (128 for its wgmma variant, path=2), got M=", M, ", r=",
-                B.dim() == 2 ? B.size(1) : -1);
+                " and M * ceil(r/8)*8 <= 64, got M=", M, ", r=", B.dim() == 2 ? B.size(1) : -1);
   if (bias.has_value()) {
     const auto& b = *bias;
     LORDS_REQUIRE(b.device() == x.device(), "bias: expected device ", device_str(x.device()), ", got ",
@@ -258,9 +257,6 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
   const bool wg = reassoc && reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A.data_ptr(), path != 3);
-  TORCH_CHECK(!reassoc || wg || reassoc_fits((int)M, r, false),
-              "x: the re-associated kernel over M * ceil(r/8)*8 = 64 columns needs its wgmma variant (sm_90a build on a "
-              "9.0 GPU, K % 128 == 0, 16-byte aligned x, qweight and A), got M=", M, ", r=", r, ", K=", K);
   DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                             : decode_plan(N, K, r, sms);
   if (splits > 0)

@@ -90,12 +90,8 @@ __device__ __forceinline__ uint64_t z_desc(uint32_t saddr) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
 }
 
-// Column tiles of 8 for M * ceil(r/8)*8 columns. Past 64 (10 .. 16 tiles) only the WG variant runs:
-// its accumulators are the only per-column registers (4 per tile and row tile), mma.sync would add 2 Z
-// registers per tile.
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
-  if (cols > 64) return (cols + 15) / 16 * 2;
   return cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 48 ? 6 : cols <= 56 ? 7 : 8;
 }
 size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
@@ -110,11 +106,10 @@ size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 +
 // (H100, session 6: 14336x4096 r = 49 M = 1, 39.5 -> 37.4 us). At 8 column tiles the same layout measured
 // slower (1024x4096 r = 12 M = 4: 11.4 -> 13.9 us; 4096x4096 r = 32 M = 2: 16.6 -> 17.1 us), so NJ = 8
 // keeps 16 warps of one row tile.
-// The WG variant holds no Z fragments in registers, so below 8 column tiles it runs 16 warps x 2 row
-// tiles = 512 rows: the Z staging, a per-block cost, is then shared by twice the rows of the 8-warp layout
-// at NJ = 6, 7 (H100, session 9, 14336x4096 r = 49 M = 1: 8 warps x 2 row tiles with wgmma 40.4 us, 16
-// warps x 2 28.0, mma.sync 38.2). From 8 tiles on one row tile per warp (4096x4096 r = 32 M = 2 at NJ = 8:
-// 14.5 us with one, 17.8 with two).
+// The WG variant holds no Z fragments in registers (128 or fewer at every NJ with two row tiles), so it
+// runs 16 warps x 2 row tiles = 512 rows at every NJ: the Z staging, a per-block cost, is then shared by
+// twice the rows of the 8-warp layout at NJ = 6, 7 (H100, session 9: 8 warps x 2 row tiles with wgmma ran
+// 14336x4096 r = 49 M = 1 in 40.4 us against 38.2 on mma.sync).
 template <int NJ, bool WG = false>
 __host__ __device__ constexpr int re_warps() { return !WG && (NJ == 6 || NJ == 7) ? 8 : 16; }
 template <int NJ, bool WG = false>
@@ -138,7 +133,7 @@ size_t smem_cap() {
 }
 
 template <int NJ, bool WG = false>
-__host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
+__host__ __device__ constexpr int row_tiles() { return !WG && NJ >= 8 ? 1 : 2; }
 template <int NJ, bool WG = false>
 __host__ __device__ constexpr int rows_per_block() { return re_warps<NJ, WG>() * 16 * row_tiles<NJ, WG>(); }
 
@@ -575,17 +570,10 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
   const bool wg = wg_for(a.K, a.x, a.qweight, a.A, a.allow_wgmma);
-  using KernelFn = decltype(&reassoc_kernel<T, BITS, NJ, true, 1, true>);
-  KernelFn kernel;
-  if constexpr (NJ > 8) {  // WG only (column_tiles)
-    if (!wg) throw std::runtime_error("lords reassoc_gemv: over 64 columns without the wgmma variant");
-    kernel = a.M == 1 ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>;
-  } else {
-    kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>
-             : a.M == 1 ? (wg ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, 1, false>)
-                        : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
-                              : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>);
-  }
+  auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>
+                : a.M == 1 ? (wg ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, 1, false>)
+                           : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
+                                 : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>);
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
   // Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB
   // needs it, and a launch that exceeds the opt-in fails with "invalid argument".
@@ -594,16 +582,11 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   cudaGetDevice(&dev);
   const size_t cap = smem_cap();
   if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    auto opt_in = [&](KernelFn k) {
+    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1, false>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>,
+                   reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>, reassoc_kernel<T, BITS, NJ, true, 1, true>,
+                   reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}) {
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
       if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
-    };
-    opt_in(reassoc_kernel<T, BITS, NJ, true, 1, true>);
-    opt_in(reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>);
-    if constexpr (NJ <= 8) {
-      opt_in(reassoc_kernel<T, BITS, NJ, true, 1, false>);
-      opt_in(reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>);
-      opt_in(reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>);
     }
     if (dev >= 0 && dev < 64) opted_in[dev] = true;
   }
@@ -627,11 +610,7 @@ Fn pick_nj(int nj) {
     case 4: return run<T, BITS, 4>;
     case 6: return run<T, BITS, 6>;
     case 7: return run<T, BITS, 7>;
-    case 8: return run<T, BITS, 8>;
-    case 10: return run<T, BITS, 10>;
-    case 12: return run<T, BITS, 12>;
-    case 14: return run<T, BITS, 14>;
-    default: return run<T, BITS, 16>;
+    default: return run<T, BITS, 8>;
   }
 }
 
@@ -658,18 +637,16 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
   return wg_for(K, x, qweight, A, allow);
 }
 
-bool reassoc_fits(int M, int r, bool wg) {
-  return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= (wg ? 128 : 64);
-}
+bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 
 static int block_rows(int nj, bool wg) {
-  if (wg) return nj >= 8 ? rows_per_block<8, true>() : rows_per_block<4, true>();
+  if (wg) return rows_per_block<8, true>();
   return nj >= 6 ? rows_per_block<8>() : rows_per_block<4>();
 }
 static_assert(rows_per_block<6>() == rows_per_block<8>() && rows_per_block<7>() == rows_per_block<8>() &&
               rows_per_block<2>() == rows_per_block<4>());
-static_assert(rows_per_block<2, true>() == 512 && rows_per_block<6, true>() == 512 && rows_per_block<7, true>() == 512 &&
-              rows_per_block<8, true>() == 256 && rows_per_block<16, true>() == 256);
+static_assert(rows_per_block<2, true>() == rows_per_block<8, true>() && rows_per_block<6, true>() == 512 &&
+              rows_per_block<7, true>() == 512 && rows_per_block<4, true>() == 512);
 
 // The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
 static long max_superchunks(int M, int r, int bits) {
