@@ -12,7 +12,7 @@ source bench/build_stamp.sh
 # lords_build LOG: the in-place build (incremental after the first), its output in LOG; fails with rc.
 lords_build() {
   lords_sources_check
-  MAX_JOBS=16 LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0a}" timeout 240 python3 setup.py build_ext --inplace > "$1" 2>&1 &&
+  MAX_JOBS=16 LORDS_CUDA_ARCH="${LORDS_CUDA_ARCH:-9.0a}" timeout 300 python3 setup.py build_ext --inplace > "$1" 2>&1 &&
     lords_sources_stamp
 }
 _t0=$SECONDS

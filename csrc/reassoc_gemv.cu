@@ -106,10 +106,13 @@ size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 +
 // (H100, session 6: 14336x4096 r = 49 M = 1, 39.5 -> 37.4 us). At 8 column tiles the same layout measured
 // slower (1024x4096 r = 12 M = 4: 11.4 -> 13.9 us; 4096x4096 r = 32 M = 2: 16.6 -> 17.1 us), so NJ = 8
 // keeps 16 warps of one row tile.
-// The WG variant holds no Z fragments in registers (128 or fewer at every NJ with two row tiles), so it
-// runs 16 warps x 2 row tiles = 512 rows at every NJ: the Z staging, a per-block cost, is then shared by
-// twice the rows of the 8-warp layout at NJ = 6, 7 (H100, session 9: 8 warps x 2 row tiles with wgmma ran
-// 14336x4096 r = 49 M = 1 in 40.4 us against 38.2 on mma.sync).
+// The WG variant holds no Z fragments in registers, so below 8 column tiles it runs 16 warps x 2 row
+// tiles = 512 rows: the Z staging, a per-block cost, is then shared by twice the rows of the 8-warp layout
+// at NJ = 6, 7 (H100, session 9, 14336x4096 r = 49 M = 1: 8 warps x 2 row tiles with wgmma 40.4 us, 16
+// warps x 2 28.0, mma.sync 38.2). At 8 tiles one row tile per warp (4096x4096 r = 32 M = 2: 14.5 us with
+// one, 17.8 with two). A wider WG variant (10-16 column tiles, M * r8 up to 128) was built and measured
+// slower than the direct kernel (14336x4096 r = 49 M = 2: 61.9 against 48.7 us; 4096x4096 r = 32 M = 4:
+// 21.3 against 15.6), so 64 columns stay the bound.
 template <int NJ, bool WG = false>
 __host__ __device__ constexpr int re_warps() { return !WG && (NJ == 6 || NJ == 7) ? 8 : 16; }
 template <int NJ, bool WG = false>
@@ -133,7 +136,7 @@ size_t smem_cap() {
 }
 
 template <int NJ, bool WG = false>
-__host__ __device__ constexpr int row_tiles() { return !WG && NJ >= 8 ? 1 : 2; }
+__host__ __device__ constexpr int row_tiles() { return NJ >= 8 ? 1 : 2; }
 template <int NJ, bool WG = false>
 __host__ __device__ constexpr int rows_per_block() { return re_warps<NJ, WG>() * 16 * row_tiles<NJ, WG>(); }
 
@@ -640,13 +643,13 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
 
 static int block_rows(int nj, bool wg) {
-  if (wg) return rows_per_block<8, true>();
+  if (wg) return nj >= 8 ? rows_per_block<8, true>() : rows_per_block<4, true>();
   return nj >= 6 ? rows_per_block<8>() : rows_per_block<4>();
 }
 static_assert(rows_per_block<6>() == rows_per_block<8>() && rows_per_block<7>() == rows_per_block<8>() &&
               rows_per_block<2>() == rows_per_block<4>());
-static_assert(rows_per_block<2, true>() == rows_per_block<8, true>() && rows_per_block<6, true>() == 512 &&
-              rows_per_block<7, true>() == 512 && rows_per_block<4, true>() == 512);
+static_assert(rows_per_block<2, true>() == 512 && rows_per_block<6, true>() == 512 && rows_per_block<7, true>() == 512 &&
+              rows_per_block<8, true>() == 256);
 
 // The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
 static long max_superchunks(int M, int r, int bits) {
