@@ -51,8 +51,9 @@ void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
 // The re-associated kernel (reassoc_gemv.cu) for small M * r: same arguments, its own split plan.
 constexpr int kReassocMaxM = 4;
 bool reassoc_fits(int M, int r);  // M <= kReassocMaxM and M * ceil(r/8)*8 <= 64
-// Where path -1 takes it: one token and 16 < r <= 64 (H100, bench/cuda_notes.md: 4096x4096 r=32 14.0 vs
-// 15.2 us for the direct kernel, 14336x4096 r=49 46 vs 94 us; at r=12 and at M=2 the direct one wins).
+// Where path -1 takes it: one token and 16 < r <= 64 (H100, bench/cuda_notes.md, session 9 with the wgmma
+// variant: 4096x4096 r=32 11.6 vs 13.6 us for the direct kernel, 14336x4096 r=49 28.0 vs 50.0 us; at r=12
+// (7.8 vs 6.7) and at M=2 (4096x4096: 14.4 vs 14.0) the direct one wins).
 inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64; }
 // wg: the launch takes the wgmma variant (reassoc_uses_wgmma), whose blocks cover 512 rows.
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg);

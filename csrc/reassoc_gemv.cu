@@ -26,8 +26,10 @@
 // scheme and counters as decode_gemm.cu).
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x column tiles NJ {2, 4, 6, 7, 8} (M*r8 <= 16, 32, 48,
-// 56, 64): the main loop at r = 49 is bound by shared-memory traffic, most of it Z fragments (one LDS.64
-// per column tile), so r8 = 56 runs 7 tiles rather than 8.
+// 56, 64) x {mma.sync, wgmma (WG, sm_90a)}: on mma.sync the main loop at r = 49 is bound by shared-memory
+// traffic, most of it Z fragments (one LDS.64 per column tile), so r8 = 56 runs 7 tiles rather than 8; the
+// WG variant (below) leaves Z to the tensor cores and takes 16-byte-aligned, K % 128 == 0 launches on a 9.0
+// GPU when the build has sm_90a code alone (LORDS_SM90A).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"

@@ -47,6 +47,11 @@ session-7 suite above:
     4096x14336 r=49  M=8: 50.5 vs 74.4 | M=16: 57.1 vs 73.5
     4096x4096 r=32   M=16: 25.0 vs 22.8 | 1024x4096 r=12 M=8: 14.4 vs 8.7
 
+Session 9 gave the re-associated kernel an sm_90a wgmma variant (`bash bench/cuda_check_h100.sh decode_paths
+--ms 1,2 --sweep ...`, bench/h100/decode_paths_session9_final_sweep.json), CUDA at M = 1 now:
+
+    14336x4096 r=49  M=1: 28.0 (was 38.2) | 4096x4096 r=32 M=1: 11.6 (was 11.9); Triton 81.5 / 22.7 (suite)
+
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
 csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 for 16 < r <= 64, up to
 M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between. GPUs before sm_80 get no fused kernel.
