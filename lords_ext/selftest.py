@@ -114,7 +114,10 @@ def selftest(device: str | torch.device | None = None, seed: int = 0, out=print)
     out(f"lords selftest on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     from .backends import cuda as cuda_backend
 
-    out(f"CUDA extension lords_ext._C: {'built' if cuda_backend.built() else 'not built (' + str(cuda_backend.LOAD_ERROR) + ')'}")
+    if cuda_backend.built():  # which kernel variants this build and GPU run (the sm_90a wgmma kernel)
+        out(f"CUDA extension lords_ext._C: built ({torch.ops.lords.cuda_features()})")
+    else:
+        out(f"CUDA extension lords_ext._C: not built ({cuda_backend.LOAD_ERROR})")
     tested = [n for n in backends.names() if n != "reference" and backends.available(n)]
     if device.type == "cuda":
         tested = [n for n in tested if backends.get(n).supports("dequant_matmul", torch.empty(1, device=device, dtype=torch.bfloat16), 1)]
