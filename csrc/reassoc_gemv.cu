@@ -68,21 +68,12 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t saddr) {
 // no-swizzle canonical form, 8x8 core matrices of 128 contiguous bytes (8 columns x 8 positions), core
 // (jt, kh) (columns 8 jt .., positions 8 kh ..) at byte (2 jt + kh) * 128 of the tile. Same bytes per tile
 // as the mma.sync fragment order (NJ * 256).
-__device__ __forceinline__ void wgmma_fence() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the other device passes would flag them as unused)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
 }
 // Shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address >> 4 in bits 0-13, the
 // leading-dimension byte offset (between core matrices along K: 128) >> 4 in bits 16-29, the
@@ -91,6 +82,7 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ uint64_t z_desc(uint32_t saddr) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
 }
+#endif
 
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
