@@ -20,8 +20,9 @@
 //
 // Layout and loads follow lords_tile.cuh: the k-permutation gives each lane 32 consecutive codes of
 // each of its rows per 128-wide superchunk (one 16-byte load at 4 bits), and Z is staged once per
-// block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile). A block is 16
-// warps x 2 16-row tiles = 512 rows (8 warps x 2 at NJ = 6, 7; 16 warps x 1 at NJ = 8: 256 rows) over
+// block in the matching fragment order (one 8-byte LDS per 8-column tile and k-tile; the WG variant's
+// own layout below). A block is 16 warps x 2 16-row tiles = 512 rows (on mma.sync 8 warps x 2 at NJ = 6,
+// 7; 16 warps x 1 at NJ = 8: 256 rows) over
 // one K range; split-K partials are reduced deterministically by the last block of each row range (same
 // scheme and counters as decode_gemm.cu).
 //
