@@ -124,7 +124,8 @@ def test_registration_file_registers_backend_ops_only():
     text = (ROOT / "csrc" / "ops.cpp").read_text()
     assert "TORCH_LIBRARY_FRAGMENT(lords, m)" in text
     defs = re.findall(r'm\.def\(\s*"([a-z_]+)\(', text.replace('"\n      "', ""))
-    assert set(defs) == {"dequant_cuda", "dequant_matmul_cuda"}
+    # backend ops, plus cuda_features (what this build and GPU run: the sm_90a wgmma kernel or not)
+    assert set(defs) == {"dequant_cuda", "dequant_matmul_cuda", "cuda_features"}
     # The public schemas belong to lords_ext/_ops.py; the extension must not redefine them.
     assert not re.search(r'm\.def\(\s*"dequant(_matmul)?\(', text)
     for impl in ("CUDA", "Meta"):
