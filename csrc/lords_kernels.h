@@ -30,7 +30,7 @@ struct DecodeArgs {
   int r;
   int splits;               // from decode_plan
   int k_per_split;          // from decode_plan
-  bool allow_wgmma = true;  // reassoc_gemv: its sm_90a wgmma variant where it can run (false: mma.sync)
+  bool wgmma = false;       // reassoc_gemv: run the sm_90a wgmma variant (reassoc_uses_wgmma, which the plan used too)
 };
 
 constexpr int kDecodeMaxM = 16;
@@ -61,8 +61,8 @@ DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int 
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream);
 bool reassoc_wgmma_built();  // compiled with its sm_90a wgmma variant (LORDS_SM90A)
 bool reassoc_wgmma_ready();  // ... and the current GPU runs it (compute capability 9.0)
-// reassoc_gemv takes the wgmma variant for these inputs: ready, allowed (DecodeArgs::allow_wgmma) and
-// the 16-byte load path (vector_path_ok).
+// Whether a launch on these inputs can take the wgmma variant: ready, allowed by the caller and the
+// 16-byte load path (vector_path_ok). Decided once per call: the split plan and DecodeArgs::wgmma use it.
 bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow);
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.

@@ -288,7 +288,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                r,
                plan.splits,
                plan.k_per_split,
-               path != 3};
+               wg};
   if (reassoc)
     reassoc_gemv(a, c10::cuda::getCurrentCUDAStream());
   else

@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(acc[nt][jt][i])::"memory");
 #else
-    __trap();  // the host launches WG kernels only where the sm_90a image runs (wgmma_ready_here)
+    __trap();  // the host launches WG kernels only where the sm_90a image runs (reassoc_wgmma_ready)
 #endif
   } else
   for (int base = 0; base < nsc; base += kDepth) {
@@ -535,39 +535,11 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
                      &counters[blockIdx.x]);
 }
 
-// The WG kernels run only where the loaded image is the sm_90a one: setup.py defines LORDS_SM90A when it
-// builds sm_90a machine code and no plain sm_90 code (so a compute-capability-9.0 GPU cannot pick the
-// latter), and the GPU must be exactly 9.0 (sm_90a code runs nowhere else). Cached per device.
-bool wgmma_ready_here();
-
-// Whether run() takes the WG kernel for these inputs (the split plan depends on it: 512-row blocks).
-bool wg_for(long K, const void* x, const void* qweight, const void* A, bool allow) {
-  const void* ptrs[] = {x, qweight, A};
-  return allow && vector_path_ok(K, ptrs, 3) && wgmma_ready_here();
-}
-
-bool wgmma_ready_here() {
-#if defined(LORDS_SM90A)
-  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    cached[dev] = ok && major == 9 && minor == 0 ? 1 : 2;
-  }
-  return cached[dev] == 1;
-#else
-  return false;
-#endif
-}
-
 template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
-  const bool wg = wg_for(a.K, a.x, a.qweight, a.A, a.allow_wgmma);
+  const bool wg = a.wgmma && fast;  // the caller decided with reassoc_uses_wgmma, which implies fast
   auto kernel = !fast ? reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>
                 : a.M == 1 ? (wg ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, 1, false>)
                            : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
@@ -630,9 +602,28 @@ bool reassoc_wgmma_built() {
   return false;
 #endif
 }
-bool reassoc_wgmma_ready() { return wgmma_ready_here(); }
+// The WG kernels run only where the loaded image is the sm_90a one: setup.py defines LORDS_SM90A when it
+// builds sm_90a machine code and no plain sm_90 code (so a compute-capability-9.0 GPU cannot pick the
+// latter), and the GPU must be exactly 9.0 (sm_90a code runs nowhere else). Cached per device.
+bool reassoc_wgmma_ready() {
+#if defined(LORDS_SM90A)
+  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    cached[dev] = ok && major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[dev] == 1;
+#else
+  return false;
+#endif
+}
 bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow) {
-  return wg_for(K, x, qweight, A, allow);
+  const void* ptrs[] = {x, qweight, A};
+  return allow && vector_path_ok(K, ptrs, 3) && reassoc_wgmma_ready();
 }
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
