@@ -4,12 +4,14 @@ For each Llama-3-8B shape (4-bit NF4, parity rank for block 64), times in one pr
 * W = codebook[Q] * (B @ A) written once in bf16: the CUDA kernel at each block depth (`superchunks`
   of 128 k per block; 0 = its own choice) and the Triton kernel, against a measured write floor (a
   bf16 fill of the same N x K elements: the bytes the pass must write, without the code reads);
-* y = x @ W.T at M in --ms: the CUDA dequant + cuBLAS path (path 1), the Triton backend's own choice,
-  the public op (dispatch) and cuBLAS bf16 on a dense weight.
+* y = x @ W.T at M in --ms: the CUDA dequant + cuBLAS path (path 1), the fused wgmma GEMM (path 4, where
+  the sm_90a image runs; its own split plan and each count of --fused-splits), the Triton backend's own
+  choice, the public op (dispatch) and cuBLAS bf16 on a dense weight.
 Same timing method as bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per
 call); every LoRDS path is checked against the fp32 reference before it is timed.
 
-    python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...]
+    python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...] [--fused-splits 1,2,4]
+    python -m bench.dequant_paths --no-dequant ...   (the y rows alone)
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="32,64,256,1024,4096")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    p.add_argument("--fused-splits", default="", help="split counts to time path 4 at, besides its own plan")
+    p.add_argument("--no-dequant", action="store_true", help="skip the dequantize-pass timings")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "dequant_paths.json"))
     a = p.parse_args(argv)
     if (rc := cuda_ready("dequant_paths")) is not None:
@@ -44,6 +48,8 @@ def main(argv=None) -> int:
 
     dev = torch.device("cuda")
     ms = [int(m) for m in a.ms.split(",") if m]
+    fused = "fused_gemm_ready=1" in torch.ops.lords.cuda_features()
+    fsplits = [int(v) for v in a.fused_splits.split(",") if v]
     rows = []
     for shape in a.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
@@ -58,10 +64,11 @@ def main(argv=None) -> int:
         def checked(name, fn):
             rec[f"{name}_us"] = checked_us(fn, lw.copies, ref, 1e-2, f"{name} at N={N} K={K}")[0]
 
-        for d in DEPTHS:
+        for d in () if a.no_dequant else DEPTHS:
             checked(f"cuda_sc{d}", lambda q, B, A, d=d: torch.ops.lords.dequant_cuda(q, B, A, cb, d))
-        checked("triton", lambda q, B, A: triton_backend.dequant(q, B, A, cb))
-        rows.append(rec)
+        if not a.no_dequant:
+            checked("triton", lambda q, B, A: triton_backend.dequant(q, B, A, cb))
+            rows.append(rec)
         print(f"{N}x{K} dequant: " + " ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.endswith("_us")),
               flush=True)
 
@@ -75,6 +82,10 @@ def main(argv=None) -> int:
                 mrec[f"{name}_us"] = checked_us(fn, lw.copies, yref, 2e-2, f"{name} at N={N} K={K} M={M}")[0]
 
             mm("cuda_dequant_mm", lambda q, B, A: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 1, 0))
+            if fused:
+                for sp in [0] + fsplits:
+                    mm(f"cuda_fused_s{sp}",
+                       lambda q, B, A, sp=sp: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 4, sp))
             mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))
             mm("op", lambda q, B, A: torch.ops.lords.dequant_matmul(x, q, B, A, cb, None))
             mrec["cublas_us"] = _us([lambda w=w: F.linear(x, w) for w in dense.copies])
@@ -87,6 +98,13 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
+    if not a.no_dequant:
+        print_dequant(rows)
+    print_matmul(rows, [f"cuda_fused_s{sp}" for sp in [0] + fsplits] if fused else [])
+    return 0
+
+
+def print_dequant(rows) -> None:
     print("\n| N x K (r) | write floor | " + " | ".join(f"cuda sc={d}" for d in DEPTHS) + " | triton | best / floor |")
     print("|---|---|" + "---|" * (len(DEPTHS) + 2))
     for d in (r for r in rows if r["kind"] == "dequant"):
@@ -94,13 +112,19 @@ def main(argv=None) -> int:
         print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['write_floor_us']:.2f} | "
               + " | ".join(f"{d[f'cuda_sc{x}_us']:.2f}" for x in DEPTHS)
               + f" | {d['triton_us']:.2f} | {best / d['write_floor_us']:.2f} |")
-    print("\n| N x K (r) | M | cuda dequant+mm | triton | op | cuBLAS | cuBLAS / cuda | cuBLAS / op |")
-    print("|---|---|---|---|---|---|---|---|")
+
+
+def print_matmul(rows, fcols) -> None:
+    head = (["N x K (r)", "M", "cuda dequant+mm"] + [c.replace("cuda_fused_s", "fused s=") for c in fcols]
+            + ["triton", "op", "cuBLAS", "cuBLAS / cuda best", "cuBLAS / op"])
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for d in (r for r in rows if r["kind"] == "matmul"):
-        print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['cuda_dequant_mm_us']:.2f} | {d['triton_us']:.2f} | "
-              f"{d['op_us']:.2f} | {d['cublas_us']:.2f} | {d['cublas_us'] / d['cuda_dequant_mm_us']:.2f} | "
+        best = min([d["cuda_dequant_mm_us"]] + [d[c + "_us"] for c in fcols])
+        print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['cuda_dequant_mm_us']:.2f} | "
+              + "".join(f"{d[c + '_us']:.2f} | " for c in fcols)
+              + f"{d['triton_us']:.2f} | {d['op_us']:.2f} | {d['cublas_us']:.2f} | {d['cublas_us'] / best:.2f} | "
               f"{d['cublas_us'] / d['op_us']:.2f} |")
-    return 0
 
 
 if __name__ == "__main__":

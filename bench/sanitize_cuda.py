@@ -1,5 +1,5 @@
 """compute-sanitizer target: the CUDA backend ops on a few odd shapes of every bit width, path 2 being the
-re-associated kernel (its wgmma variant on an sm_90a build) (run under
+re-associated kernel (its wgmma variant on an sm_90a build), path 4 the fused wgmma GEMM where it runs (run under
 `compute-sanitizer --tool memcheck python3 bench/sanitize_cuda.py`); prints the relative error per case."""
 import torch, math, sys, os
 sys.path.insert(0, os.getcwd())
@@ -8,14 +8,17 @@ from lords_ext.backends import reference
 import lords_ext.backends.cuda  # noqa  loads _C
 op = torch.ops.lords.dequant_matmul_cuda
 worst = 0
-for (M, N, K, r, bits, path) in [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (4, 600, 1024, 49, 4, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0),
-                                  (1, 520, 1024, 32, 4, 2), (2, 300, 2048, 24, 3, 2), (1, 700, 1024, 49, 2, 2)]:
+CASES = [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (4, 600, 1024, 49, 4, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0),
+         (1, 520, 1024, 32, 4, 2), (2, 300, 2048, 24, 3, 2), (1, 700, 1024, 49, 2, 2)]
+CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 1024, 17, 2, 4)]
+          if "fused_gemm_ready=1" in torch.ops.lords.cuda_features() else [])
+for (M, N, K, r, bits, path) in CASES:
     g = torch.Generator().manual_seed(M)
     cb = get_codebook(f"nf{bits}")[0].cuda()
     q = pack(torch.randint(0, 1 << bits, (N, K), generator=g), bits).cuda()
     B = torch.rand(N, r, generator=g).cuda().bfloat16(); A = torch.rand(r, K, generator=g).cuda().bfloat16()
     x = torch.randn(M, K, generator=g).cuda().bfloat16()
-    y = op(x, q, B, A, cb, None, path)
+    y = op(x, q, B, A, cb, None, path, 3 if path == 4 else 0)  # three blocks per cluster
     W = torch.ops.lords.dequant_cuda(q, B, A, cb)
     ref = reference.dequant_matmul(x.float(), q, B.float(), A.float(), cb, None)
     e = ((y.double() - ref.double()).norm() / ref.double().norm()).item(); worst = max(worst, e)

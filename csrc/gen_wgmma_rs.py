@@ -1,11 +1,31 @@
 """Writes csrc/wgmma_rs.cuh: wgmma.mma_async (A from registers, B from shared memory) for the N widths
-the re-associated kernel uses. PTX asm needs a literal operand list per accumulator count, so the
+the re-associated kernel (csrc/reassoc_gemv.cu) and the fused GEMM (csrc/fused_gemm.cu) use, and the
+fence / commit / wait / descriptor helpers around them. PTX asm needs a literal operand list per accumulator count, so the
 header is generated rather than spelled out by hand:  python3 csrc/gen_wgmma_rs.py
 """
 from pathlib import Path
 
-WIDTHS = (16, 32, 48, 56, 64)  # column tiles 2, 4, 6, 7, 8 of csrc/reassoc_gemv.cu
+WIDTHS = (16, 32, 48, 56, 64, 128, 256)  # column tiles 2, 4, 6, 7, 8 of reassoc_gemv.cu; token tiles 64, 128, 256 of fused_gemm.cu
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
+
+
+HELPERS = """#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the other device passes would flag them as unused)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\\n" ::"n"(N) : "memory");
+}
+// Shared-memory matrix descriptor (PTX ISA, "matrix descriptor"), no swizzle: start address >> 4 in bits
+// 0-13, the leading-dimension byte offset (between core matrices along K) >> 4 in bits 16-29, the
+// stride-dimension byte offset (between 8-row core matrices along M or N) >> 4 in bits 32-45. A tile's
+// descriptor is this plus (byte offset >> 4): shared addresses stay under 2^18, so the start field never
+// carries over.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+#endif
+"""
 
 
 def one(ctype: str, ptx: str, n: int) -> str:
@@ -35,7 +55,7 @@ def main() -> None:
         "// along N: d[4 j + i]). scale-d is true (always accumulate: the caller zeroes d first).\n"
         "// sm_90a only: include it under __CUDA_ARCH_FEAT_SM90_ALL.\n"
         "#pragma once\n\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n\n#include <cstdint>\n\n"
-        "namespace lords {\n\ntemplate <typename T, int N>\nstruct WgmmaRS;\n\n"
+        "namespace lords {\n\n" + HELPERS + "\ntemplate <typename T, int N>\nstruct WgmmaRS;\n\n"
     ]
     for ctype, ptx in TYPES.items():
         for n in WIDTHS:

@@ -59,11 +59,26 @@ inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg);
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits, bool wg);
 void reassoc_gemv(const DecodeArgs& a, cudaStream_t stream);
-bool reassoc_wgmma_built();  // compiled with its sm_90a wgmma variant (LORDS_SM90A)
-bool reassoc_wgmma_ready();  // ... and the current GPU runs it (compute capability 9.0)
+// The sm_90a wgmma kernels (the re-associated kernel's WG variant, fused_gemm.cu):
+bool wgmma_built();  // compiled in (LORDS_SM90A)
+bool wgmma_ready();  // ... and the current GPU runs them (compute capability 9.0)
 // Whether a launch on these inputs can take the wgmma variant: ready, allowed by the caller and the
 // 16-byte load path (vector_path_ok). Decided once per call: the split plan and DecodeArgs::wgmma use it.
 bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow);
+
+// The fused GEMM (fused_gemm.cu, sm_90a wgmma) for many tokens: same arguments (workspace and counters
+// unused: split-K partials are reduced inside a thread block cluster), its own plan. Takes r <=
+// kFusedMaxRank on the 16-byte load path where wgmma_ready (fused_gemm_fits).
+constexpr int kFusedMaxRank = 64;
+constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
+constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
+bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
+int fused_token_tile(int M, int r);  // tokens per block: 64, 128 or 256 (128 at most above r = 32)
+DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms);
+DecodePlan fused_gemm_plan_with_splits(long N, long K, int M, int r, int splits);
+void fused_gemm(const DecodeArgs& a, cudaStream_t stream);
+// Where path -1 takes it (where it fits): above the decode kernels' range.
+inline bool fused_gemm_preferred(int M, int r) { return M > kDecodeMaxM && r <= kFusedMaxRank; }
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.
 struct DequantArgs {

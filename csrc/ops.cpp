@@ -8,7 +8,9 @@
 //     in x.dtype. path -1: automatic (re-associated kernel for M = 1 and 16 < r <= 64, else the fused
 //     decode kernel for M <= 16, else dequantize + cuBLAS), 0: fused decode kernel
 //     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64; its wgmma
-//     variant where the sm_90a image runs), 3: the re-associated kernel on mma.sync only (for A/B timing).
+//     variant where the sm_90a image runs), 3: the re-associated kernel on mma.sync only (for A/B timing),
+//     4: the fused wgmma GEMM (fused_gemm.cu; sm_90a image on a 9.0 GPU, r <= 64, K % 128 == 0, 16-byte
+//     aligned x, qweight and A). Automatic takes path 4 above M = 16 where it can run.
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
@@ -147,6 +149,13 @@ bool valid_weight(const at::Tensor& qweight, const at::Tensor& B, const at::Tens
   return true;
 }
 
+// What this build and GPU run (cuda_features below, and the path=4 error).
+std::string cuda_features_str() {
+  const std::string ready = wgmma_ready() ? "1" : "0";
+  return std::string("reassoc_wgmma_built=") + (wgmma_built() ? "1" : "0") + " reassoc_wgmma_ready=" + ready +
+         " fused_gemm_ready=" + ready;
+}
+
 bool valid_superchunks(int64_t superchunks) {
   LORDS_REQUIRE(superchunks >= 0 && superchunks <= 64, "superchunks: expected 0 (automatic) to 64, got ", superchunks);
   return true;
@@ -211,9 +220,9 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   LORDS_REQUIRE(x.dim() == 2, "x: expected 2-D [M, K], got shape ", shape_str(x));
   LORDS_REQUIRE(x.is_contiguous(), "x: expected a contiguous tensor");
   LORDS_REQUIRE(splits >= 0, "splits: expected 0 (automatic) or a positive split-K count, got ", splits);
-  LORDS_REQUIRE(path >= -1 && path <= 3,
-                "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS), 2 (re-associated) or 3 "
-                "(re-associated, mma.sync only), got ", path);
+  LORDS_REQUIRE(path >= -1 && path <= 4,
+                "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS), 2 (re-associated), 3 "
+                "(re-associated, mma.sync only) or 4 (fused wgmma GEMM), got ", path);
   LORDS_REQUIRE(A.dim() == 2 && x.size(1) == A.size(1), "x: expected shape [M, K] with K = A.shape[1], got x ",
                 shape_str(x), " and A ", shape_str(A));
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
@@ -243,9 +252,21 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
   const bool reassoc = path == 2 || path == 3 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
-  const bool fused = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
+  const bool decode = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
   if (M == 0) return at::empty({0, N}, x.options());
-  if (!fused) {
+  // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
+  at::Tensor A_conv;
+  bool gemm = false;
+  if (path == 4 || (path == -1 && !decode && fused_gemm_preferred((int)M, (int)B_in.size(1)))) {
+    A_conv = A_in.to(x.scalar_type()).contiguous();
+    gemm = fused_gemm_fits(K, (int)B_in.size(1), x.data_ptr(), qweight.data_ptr(), A_conv.data_ptr());
+    if (!gemm && path == 4)
+      t_error = cat("path: the fused wgmma GEMM (path=4) needs the sm_90a build on a compute capability 9.0 GPU, "
+                    "r <= ", (int)kFusedMaxRank, ", K a multiple of 128 and 16-byte aligned x, qweight and A; got r=",
+                    B_in.size(1), ", K=", K, ", ", cuda_features_str());
+    TORCH_CHECK(gemm || path != 4, t_error.c_str());
+  }
+  if (!decode && !gemm) {
     auto W = dequant_impl(qweight, B_in, A_in, codebook, x.scalar_type(), bits);
     if (bias.has_value()) return at::addmm(bias->to(x.scalar_type()), x, W.t());
     return at::mm(x, W.t());
@@ -253,19 +274,21 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
 
   // The scale mma runs in x's 16-bit type; B and A in another dtype are converted (an extra copy).
   const at::Tensor B = B_in.to(x.scalar_type()).contiguous();
-  const at::Tensor A = A_in.to(x.scalar_type()).contiguous();
+  const at::Tensor A = gemm ? A_conv : A_in.to(x.scalar_type()).contiguous();
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
   const bool wg = reassoc && reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A.data_ptr(), path != 3);
-  DecodePlan plan = reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
-                            : decode_plan(N, K, r, sms);
+  DecodePlan plan = gemm      ? fused_gemm_plan(N, K, (int)M, r, sms)
+                    : reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
+                              : decode_plan(N, K, r, sms);
   if (splits > 0)
-    plan = reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits, wg)
-                   : decode_plan_with_splits(N, K, r, (int)splits);
+    plan = gemm      ? fused_gemm_plan_with_splits(N, K, (int)M, r, (int)splits)
+           : reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits, wg)
+                     : decode_plan_with_splits(N, K, r, (int)splits);
   auto y = at::empty({M, N}, x.options());
   at::Tensor ws;
   int* counters = nullptr;
-  if (plan.splits > 1) {
+  if (plan.splits > 1 && !gemm) {
     ws = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
     counters = counters_for(x.device()).data_ptr<int>();
   }
@@ -289,7 +312,9 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                plan.splits,
                plan.k_per_split,
                wg};
-  if (reassoc)
+  if (gemm)
+    fused_gemm(a, c10::cuda::getCurrentCUDAStream());
+  else if (reassoc)
     reassoc_gemv(a, c10::cuda::getCurrentCUDAStream());
   else
     decode_gemm(a, c10::cuda::getCurrentCUDAStream());
@@ -308,11 +333,8 @@ at::Tensor dequant_matmul_meta(const at::Tensor& x, const at::Tensor& qweight, c
 }
 
 // What this build and GPU run, for `lords info` and the GPU tests: "reassoc_wgmma_built=0|1
-// reassoc_wgmma_ready=0|1" (ready: built, and the current GPU is compute capability 9.0).
-std::string cuda_features() {
-  return std::string("reassoc_wgmma_built=") + (reassoc_wgmma_built() ? "1" : "0") +
-         " reassoc_wgmma_ready=" + (reassoc_wgmma_ready() ? "1" : "0");
-}
+// reassoc_wgmma_ready=0|1 fused_gemm_ready=0|1" (ready: built, and the GPU is compute capability 9.0).
+std::string cuda_features() { return cuda_features_str(); }
 
 }  // namespace
 }  // namespace lords

@@ -69,20 +69,8 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t saddr) {
 // no-swizzle canonical form, 8x8 core matrices of 128 contiguous bytes (8 columns x 8 positions), core
 // (jt, kh) (columns 8 jt .., positions 8 kh ..) at byte (2 jt + kh) * 128 of the tile. Same bytes per tile
 // as the mma.sync fragment order (NJ * 256).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the other device passes would flag them as unused)
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address >> 4 in bits 0-13, the
-// leading-dimension byte offset (between core matrices along K: 128) >> 4 in bits 16-29, the
-// stride-dimension byte offset (along N: 256) >> 4 in bits 32-45, no swizzle. A tile's descriptor is this
-// plus (byte offset >> 4): shared addresses stay under 2^18, so the start field never carries over.
-__device__ __forceinline__ uint64_t z_desc(uint32_t saddr) {
-  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
-}
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the other device passes would flag it as unused)
+__device__ __forceinline__ uint64_t z_desc(uint32_t saddr) { return smem_desc(saddr, 128, 256); }
 #endif
 
 int column_tiles(int M, int r) {
@@ -382,7 +370,7 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(acc[nt][jt][i])::"memory");
 #else
-    __trap();  // the host launches WG kernels only where the sm_90a image runs (reassoc_wgmma_ready)
+    __trap();  // the host launches WG kernels only where the sm_90a image runs (wgmma_ready)
 #endif
   } else
   for (int base = 0; base < nsc; base += kDepth) {
@@ -595,7 +583,7 @@ Fn pick_bits(int bits, int nj) {
 
 }  // namespace
 
-bool reassoc_wgmma_built() {
+bool wgmma_built() {
 #if defined(LORDS_SM90A)
   return true;
 #else
@@ -605,7 +593,7 @@ bool reassoc_wgmma_built() {
 // The WG kernels run only where the loaded image is the sm_90a one: setup.py defines LORDS_SM90A when it
 // builds sm_90a machine code and no plain sm_90 code (so a compute-capability-9.0 GPU cannot pick the
 // latter), and the GPU must be exactly 9.0 (sm_90a code runs nowhere else). Cached per device.
-bool reassoc_wgmma_ready() {
+bool wgmma_ready() {
 #if defined(LORDS_SM90A)
   static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
   int dev = 0;
@@ -623,7 +611,7 @@ bool reassoc_wgmma_ready() {
 }
 bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* A, bool allow) {
   const void* ptrs[] = {x, qweight, A};
-  return allow && vector_path_ok(K, ptrs, 3) && reassoc_wgmma_ready();
+  return allow && vector_path_ok(K, ptrs, 3) && wgmma_ready();
 }
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }

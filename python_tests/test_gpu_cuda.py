@@ -200,6 +200,61 @@ def test_wgmma_variant_runs_on_hopper():
     assert rel(y2, y3.float()) < 1e-2
 
 
+def fused_gemm_ready() -> bool:
+    return "fused_gemm_ready=1" in torch.ops.lords.cuda_features()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M,N,K,r",
+    [
+        (17, 1001, 1024, 17),  # 64-token tile, N neither a multiple of the 128-row block nor of 4
+        (64, 4096, 4096, 32),
+        (100, 520, 2048, 49),  # 128-token tile, four rank chunks
+        (256, 4096, 4096, 32),  # 256-token tile
+        (300, 777, 1024, 12),  # two token tiles (256 + 44), one rank chunk
+        (129, 384, 3968, 64),  # 31 superchunks: uneven splits
+        (1, 256, 512, 1),  # one token through the 64-token tile, r = 1
+    ],
+)
+def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
+    """Path 4, the sm_90a fused GEMM: every split count (a cluster of up to 8 blocks reduces the partials
+    through distributed shared memory) gives the reference result, bit-identically on repeat."""
+    if not fused_gemm_ready():
+        pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
+    x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 41 + M + r)
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    for splits in (0, 1, 2, 3, 8):
+        poison(M * N * 64)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4, splits)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel(y, ref) < TOL, f"splits={splits}"
+    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4, 8))
+    y1 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 1)
+    assert rel(y, y1.float()) < TOL
+
+
+def test_fused_gemm_is_the_automatic_path_above_16_tokens():
+    if not fused_gemm_ready():
+        pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
+    x, qweight, B, A, cb, bias = make(48, 512, 1024, 32, 4, seed=3)
+    y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
+    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4))
+
+
+def test_fused_gemm_rejects_what_it_cannot_run():
+    x, qweight, B, A, cb, bias = make(32, 256, 1032, 8, 4)  # K not a multiple of 128
+    with pytest.raises(RuntimeError, match="path=4"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4)
+    x, qweight, B, A, cb, bias = make(32, 256, 1024, 65, 4)  # r > 64
+    with pytest.raises(RuntimeError, match="r=65"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4)
+    # Where it cannot run, the automatic path still does (dequantize + cuBLAS).
+    assert rel(torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1),
+               ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+
+
 def test_reassociated_path_rejects_wide_inputs():
     x, qweight, B, A, cb, bias = make(5, 512, 1024, 8, 4)
     with pytest.raises(RuntimeError, match="path=2"):
@@ -270,6 +325,7 @@ def test_bad_inputs_name_the_argument():
         ((x, qweight, B[:, :4].contiguous(), A, cb, None, -1), "B, A"),
         ((x, qweight, B, A, cb, bias[:-1], -1), "bias: expected shape"),
         ((x, qweight, B, A, cb, None, 7), "path"),
+        ((x, qweight, B, A, cb, None, 5), "path"),
         ((torch.randn(17, 512, device="cuda", dtype=x.dtype), qweight, B, A, cb, None, 0), "M <= 16"),
         ((x, qweight.cpu(), B, A, cb, None, -1), "qweight: expected device"),
     ]

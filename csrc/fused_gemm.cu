@@ -1,0 +1,341 @@
+// Fused LoRDS GEMM for many tokens on Hopper (sm_90a): y[M, N] = x[M, K] @ (codebook[Q] * (B @ A)).T + bias.
+//
+// Above the decode range the other CUDA path is dequantize-to-bf16 + cuBLAS, which writes and re-reads W
+// (33.5 MB for a 4096x4096 layer): it can never be faster than cuBLAS on a dense W, and at M = 64..256
+// the dequantize pass alone costs about what cuBLAS does (bench/cuda_notes.md, session 6). Here the
+// weights never leave registers:
+//   1. per 16x16 weight tile and warp, the scale tile S = B[16 rows, r] @ A[r, 16 k] on mma.sync and
+//      W = codebook[Q] * S in fp32, packed to 16 bits: exactly the decode kernel's weight fragment
+//      (lords_tile.cuh), whose register layout is the A-operand layout of wgmma's register form;
+//   2. y^T[64 rows, NTOK tokens] += W[64, 16] @ x^T[16, NTOK] as one wgmma.mma_async per warpgroup and
+//      k-tile (m64nNTOKk16, A from registers, x from shared memory), asynchronous, so the warps build the
+//      next k-tile's weights while the tensor cores run this one.
+// x reaches shared memory in wgmma's K-major canonical layout but in the k order of lords_tile.cuh's
+// permutation (the one that gives every lane 16-byte code loads), one 4-byte cp.async per pair of k.
+//
+// Work split: a block is two warpgroups (128 weight rows) x NTOK tokens (64, 128, 256) x one K range.
+// Split-K partials are reduced through distributed shared memory: the splits of a tile form one thread
+// block cluster, every block parks its fp32 partial tile in its own (then idle) shared memory, and after a
+// cluster barrier block c adds the tokens c, c + splits, ... of all the partials in a fixed order
+// (deterministic), adds the bias and writes y with full-line stores. No workspace, no second pass; the
+// last-block reduction of the decode kernels would read a 128 x 256 x splits tile through one SM.
+//
+// Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4} (r <= 16, 32, 64) x token
+// tiles NTOK {64, 128, 256}. The host takes this path only where the sm_90a image runs (wgmma_ready),
+// K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64.
+#include "lords_kernels.h"
+#include "lords_tile.cuh"
+#include "wgmma_rs.cuh"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace lords {
+namespace {
+
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kRows = 128;     // weight rows per block: 16 per warp
+
+// x tile of one k-tile: tokens x 16 positions, core matrices of 8 tokens x 8 positions (128 contiguous
+// bytes); token m's 16 bytes of positions 0-7 at m * 16 (stride-dimension offset 128 between 8-token
+// groups), positions 8-15 NTOK * 16 bytes further (leading-dimension offset). The 16 bytes past each tile
+// shift consecutive k-tiles by four banks, so the copy's 4-byte writes (one token's 32 pairs per warp,
+// eight k-tiles x two halves) meet at most two to a bank.
+__host__ __device__ constexpr int x_tile_bytes(int ntok) { return ntok * 32 + 16; }
+__host__ __device__ constexpr int x_slot_bytes(int ntok) { return 8 * x_tile_bytes(ntok); }
+__host__ __device__ constexpr int slot_bytes(int rt, int ntok) { return a_slot_bytes(rt) + x_slot_bytes(ntok); }
+// Superchunks copied ahead. The copy of superchunk sc + kAhead goes into the slot read at sc - 2, so no
+// wgmma can still be reading it (a warpgroup keeps one k-tile in flight): kRing = kAhead + 2.
+__host__ __device__ constexpr int ahead(int ntok) { return ntok <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int ring_slots(int ntok) { return ahead(ntok) + 2; }
+// The 4-bit pair table (64 KB) where it fits beside the ring under 220 KB.
+__host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
+  return bits == 4 && (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + kPairTableBytes <= 220 * 1024;
+}
+__host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {
+  return (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0);
+}
+// The epilogue's fp32 partial tile [NTOK tokens][kPartStride], in the same shared memory: the stride of 132
+// floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
+constexpr int kPartStride = kRows + 4;
+static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 &&
+                  smem_bytes(2, 1, 64) >= 64 * kPartStride * 4,
+              "the partial tile fits in the ring's shared memory");
+// 256 tokens take r <= 32 (RT <= 2): at RT = 4 three slots need 243 KB.
+static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 1024 && smem_bytes(4, 4, 128) <= 227 * 1024 - 1024,
+              "one block per SM, static shared memory aside");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Superchunk kbase .. kbase + 127 of x, tokens tok0 .. tok0 + NTOK - 1 (zero past M), into an x slot. Thread
+// i copies pair u = i % 64 (real k 2u, 2u + 1 = 32 q + 4 s + 2 h + {0, 1}: k-tile s, positions 2q + 8h) of
+// tokens i / 64 + 4 j: a warp reads 128 contiguous bytes of one token row.
+template <typename T, int NTOK>
+__device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
+                                             long kbase) {
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  constexpr int kStep = kThreads / 64;
+  const int u = threadIdx.x % 64, j0 = threadIdx.x / 64;
+  const int s = (u % 16) / 2, h = u % 2, q = u / 16;
+  const uint32_t dst = xslot + s * x_tile_bytes(NTOK) + h * NTOK * 16 + j0 * 16 + q * 4;
+  const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 2 * u;
+  const long step = (long)kStep * K;
+  const int left = M - tok0 - j0;  // tokens of this thread's column that exist
+#pragma unroll 8
+  for (int it = 0; it < NTOK / kStep; ++it) {
+    const bool ok = it * kStep < left;
+    cp_async(dst + it * kStep * 16, ok ? src : x16, 4, ok ? 4 : 0);
+    src += step;
+  }
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t map_rank(uint32_t saddr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(saddr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr));
+  return v;
+}
+#endif
+
+template <typename T, int BITS, int RT, int NTOK>
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
+                      const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
+                      const void* __restrict__ bias, int bias_kind, T* __restrict__ y, int M, long N, long K, int r,
+                      int kc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool PAIRS = use_pairs(BITS, RT, NTOK);
+  constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
+  extern __shared__ uint4 smem_dyn[];
+  __shared__ float lut[16];
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dyn));
+  const uint32_t ring_s = smem_s + (PAIRS ? (uint32_t)kPairTableBytes : 0u);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const long block_row0 = (long)blockIdx.x * kRows;
+  const long row0 = block_row0 + warp * 16;  // warp w % 4 of warpgroup w / 4: rows 16 (w % 4) of its 64
+  const int tok0 = blockIdx.y * NTOK;
+  const long k0 = (long)blockIdx.z * kc;
+  const int nsc = (int)(min_l(K - k0, kc) / kSuper);  // K % 128 == 0 on this path
+  const long row_bytes = K * BITS / 8;
+
+  auto load_codes = [&](Codes<BITS> (&c)[2], int sc) {
+    const long kf = k0 + (long)sc * kSuper + 32 * t;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const long n = row0 + g + 8 * hh;
+      if (n < N)
+        c[hh].load_fast(qw + n * row_bytes + kf * BITS / 8);
+      else
+        c[hh].clear();
+    }
+  };
+  Codes<BITS> cur[2], nxt[2];
+  load_codes(nxt, 0);
+
+  auto fill = [&](int sc) {
+    if (sc < nsc) {
+      const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+      copy_A_async<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
+      copy_x_async<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+    }
+    cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
+  };
+#pragma unroll
+  for (int sc = 0; sc < kAhead; ++sc) fill(sc);
+
+  if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
+  uint32_t bf[RT][4];
+  load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
+  if constexpr (PAIRS) {
+    __syncthreads();  // lut
+    build_pair_table(smem_dyn, lut);
+  }
+  [[maybe_unused]] const uint32_t lane8 = 8u * lane;
+  const uint32_t a_lane = a_frag_lane_offset(lane);
+
+  float acc[NTOK / 2];
+#pragma unroll
+  for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
+
+  for (int sc = 0; sc < nsc; ++sc) {
+    // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
+    // through the generic proxy and the tensor cores read it through the async one, hence the fence.
+    cp_async_wait<kAhead - 1>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    fill(sc + kAhead);
+    cur[0] = nxt[0];
+    cur[1] = nxt[1];
+    if (sc + 1 < nsc) load_codes(nxt, sc + 1);
+
+    const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+    const uint64_t desc0 = smem_desc(slot + a_slot_bytes(RT), NTOK * 16, 128);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      uint4 af[RT];
+#pragma unroll
+      for (int c = 0; c < RT; ++c) af[c] = ldsm_x4_trans(slot + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
+      uint32_t wf[4];
+      if constexpr (PAIRS)
+        weight_frag_pairs<T, RT>(wf, bf, af, cur[0], cur[1], smem_s, lane8, s);
+      else
+        weight_frag<T, BITS, RT>(wf, bf, af, cur[0], cur[1], lut, s);
+      wgmma_fence();
+      WgmmaRS<T, NTOK>::run(acc, wf, desc0 + (uint64_t)(s * x_tile_bytes(NTOK) / 16));
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+  }
+  wgmma_wait<0>();
+  // The accumulators were written behind the compiler's back: no read of them may move above the wait.
+#pragma unroll
+  for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the ring: it becomes the partial tile
+
+  // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
+  float* part = reinterpret_cast<float*>(smem_dyn);
+#pragma unroll
+  for (int j = 0; j < NTOK / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      part[(8 * j + 2 * t + (i % 2)) * kPartStride + warp * 16 + g + 8 * (i / 2)] = acc[4 * j + i];
+  cluster_sync();  // every block of the cluster has parked its partial tile
+
+  // Block `rank` of the cluster writes tokens rank, rank + splits, ...: lane l takes rows 4l .. 4l + 3.
+  const uint32_t splits = gridDim.z, rank = cluster_rank();
+  const long n = block_row0 + 4 * lane;
+  float bv[4] = {0.f, 0.f, 0.f, 0.f};
+  if (bias != nullptr)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) bv[e] = n + e < N ? load_scalar(bias, bias_kind, n + e) : 0.f;
+  const uint32_t part_s = smem_s + 4u * lane * 4u;
+  for (int tl = rank + splits * warp; tl < NTOK; tl += splits * (kThreads / 32)) {
+    const int m = tok0 + tl;
+    if (m >= M) break;
+    float4 v = make_float4(bv[0], bv[1], bv[2], bv[3]);
+    for (uint32_t c = 0; c < splits; ++c) {
+      const float4 p = ld_cluster_v4(map_rank(part_s + (uint32_t)(tl * kPartStride) * 4u, c));
+      v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+    }
+    T* yr = y + (long)m * N + n;
+    if (n + 3 < N && (N % 4) == 0) {
+      uint2 pk = make_uint2(Mma<T>::pack(v.x, v.y), Mma<T>::pack(v.z, v.w));
+      *reinterpret_cast<uint2*>(yr) = pk;
+    } else {
+      const float vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (n + e < N) yr[e] = Mma<T>::from_float(vv[e]);
+    }
+  }
+  cluster_sync();  // no block leaves while another may still read its shared memory
+#else
+  __trap();  // the host launches this kernel only where the sm_90a image runs (wgmma_ready)
+#endif
+}
+
+template <typename T, int BITS, int RT, int NTOK>
+void run(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
+  constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)((a.N + kRows - 1) / kRows), (unsigned)((a.M + NTOK - 1) / NTOK), (unsigned)a.splits);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = (unsigned)a.splits;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  e = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                         static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias, a.bias_kind,
+                         static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm launch: ") + cudaGetErrorString(e));
+}
+
+using Fn = void (*)(const DecodeArgs&, cudaStream_t);
+
+template <typename T, int BITS, int NTOK>
+Fn pick_rt(int r) {
+  if (r <= 16) return run<T, BITS, 1, NTOK>;
+  if (r <= 32) return run<T, BITS, 2, NTOK>;
+  return run<T, BITS, 4, NTOK>;
+}
+template <typename T, int BITS>
+Fn pick_tok(int ntok, int r) {
+  if (ntok == 64) return pick_rt<T, BITS, 64>(r);
+  if (ntok == 128 || r > 32) return pick_rt<T, BITS, 128>(r);  // fused_token_tile keeps r > 32 at 128
+  return r <= 16 ? run<T, BITS, 1, 256> : run<T, BITS, 2, 256>;
+}
+template <typename T>
+Fn pick_bits(int bits, int ntok, int r) {
+  switch (bits) {
+    case 2: return pick_tok<T, 2>(ntok, r);
+    case 3: return pick_tok<T, 3>(ntok, r);
+    default: return pick_tok<T, 4>(ntok, r);
+  }
+}
+
+}  // namespace
+
+int fused_token_tile(int M, int r) { return M <= 64 ? 64 : M <= 128 || r > 32 ? 128 : 256; }
+
+bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A) {
+  const void* ptrs[] = {x, qweight, A};
+  return r >= 1 && r <= kFusedMaxRank && vector_path_ok(K, ptrs, 3) && wgmma_ready();
+}
+
+DecodePlan fused_gemm_plan_with_splits(long N, long K, int M, int r, int want) {
+  const long row_blocks = (N + kRows - 1) / kRows;
+  const long k_super = K / kSuper;
+  long splits = std::max<long>(1, min_l(min_l(k_super, want), kFusedMaxSplits));
+  const long sc_per = (k_super + splits - 1) / splits;
+  splits = (k_super + sc_per - 1) / sc_per;  // no empty split (9 superchunks, 4 wanted: 3 of 3)
+  (void)M, (void)r;
+  return DecodePlan{(int)splits, (int)(sc_per * kSuper), row_blocks};
+}
+
+DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
+  // One block per SM: a launch takes ceil(blocks / SMs) waves of (superchunks per split + ~1 for the
+  // prologue and the cluster reduction); the fewest such units wins, fewer splits on ties.
+  const int ntok = fused_token_tile(M, r);
+  const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
+  const long k_super = K / kSuper;
+  long best = 1, best_cost = -1;
+  for (long s = 1; s <= min_l(k_super, kFusedAutoSplits); ++s) {
+    const long sc = (k_super + s - 1) / s;
+    const long cost = ((tiles * s + sms - 1) / std::max(1, sms)) * (sc + 1);
+    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return fused_gemm_plan_with_splits(N, K, M, r, (int)best);
+}
+
+void fused_gemm(const DecodeArgs& a, cudaStream_t stream) {
+  const int ntok = fused_token_tile(a.M, a.r);
+  Fn fn = a.dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(a.bits, ntok, a.r)
+                                  : pick_bits<__half>(a.bits, ntok, a.r);
+  fn(a, stream);
+}
+
+}  // namespace lords
