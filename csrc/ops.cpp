@@ -303,7 +303,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                bias.has_value() ? bias->data_ptr() : nullptr,
                bias.has_value() ? kind_of(*bias) : 0,
                y.data_ptr(),
-               plan.splits > 1 ? ws.data_ptr<float>() : nullptr,
+               ws.defined() ? ws.data_ptr<float>() : nullptr,
                counters,
                (int)M,
                N,
