@@ -10,8 +10,10 @@
 //   2. y^T[64 rows, NTOK tokens] += W[64, 16] @ x^T[16, NTOK] as one wgmma.mma_async per warpgroup and
 //      k-tile (m64nNTOKk16, A from registers, x from shared memory), asynchronous, so the warps build the
 //      next k-tile's weights while the tensor cores run this one.
-// x reaches shared memory in wgmma's K-major canonical layout but in the k order of lords_tile.cuh's
-// permutation (the one that gives every lane 16-byte code loads), one 4-byte cp.async per pair of k.
+// x and A reach shared memory with cp.async, x in wgmma's K-major canonical layout. At 4 bits in the natural
+// k order (16-byte copies; each lane's codes are exchanged within its row's four lanes after the 16-byte
+// load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
+// pair of k).
 //
 // Work split: a block is two warpgroups (128 weight rows) x NTOK tokens (64, 128, 256) x one K range.
 // Split-K partials are reduced through distributed shared memory: the splits of a tile form one thread
@@ -67,7 +69,29 @@ static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 1024 && smem_bytes(4, 4, 128
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Superchunk kbase .. kbase + 127 of x, tokens tok0 .. tok0 + NTOK - 1 (zero past M), into an x slot. Thread
+// The natural k order (4 bits, see natural_quads in lords_tile.cuh): 16-byte chunk c of a token row (k
+// 8c .. 8c + 7) is one core-matrix row, of k-tile c / 2 and half c % 2. Thread i copies chunk i % 16 of
+// tokens i / 16 + 16 j: a warp reads 2 x 256 contiguous bytes and its 16-byte shared stores fall into
+// four 128-byte wavefronts (the k-tile shift of x_tile_bytes spreads the eight k-tiles over the banks).
+template <typename T, int NTOK>
+__device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
+                                               long kbase) {
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  constexpr int kStep = kThreads / 16;
+  const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
+  const uint32_t dst = xslot + (c / 2) * x_tile_bytes(NTOK) + (c % 2) * NTOK * 16 + j0 * 16;
+  const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
+  const long step = (long)kStep * K;
+  const int left = M - tok0 - j0;
+#pragma unroll
+  for (int it = 0; it < NTOK / kStep; ++it) {
+    const bool ok = it * kStep < left;
+    cp_async16(dst + it * kStep * 16, ok ? src : x16, ok ? 16 : 0);
+    src += step;
+  }
+}
+
+// The permuted k order (2 and 3 bits): superchunk kbase .. kbase + 127 of x, tokens tok0 .. tok0 + NTOK - 1 (zero past M), into an x slot. Thread
 // i copies pair u = i % 64 (real k 2u, 2u + 1 = 32 q + 4 s + 2 h + {0, 1}: k-tile s, positions 2q + 8h) of
 // tokens i / 64 + 4 j: a warp reads 128 contiguous bytes of one token row.
 template <typename T, int NTOK>
@@ -119,6 +143,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                       int kc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool PAIRS = use_pairs(BITS, RT, NTOK);
+  // k order inside a superchunk: natural at 4 bits (16-byte copies, codes exchanged in registers), the
+  // lords_tile.cuh permutation otherwise (4-byte copies; a lane's 2- or 3-bit codes of one k-tile are not
+  // a byte of the 16-byte load there).
+  constexpr bool NAT = BITS == 4;
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -150,8 +178,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto fill = [&](int sc) {
     if (sc < nsc) {
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-      copy_A_async<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
-      copy_x_async<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+      if constexpr (NAT) {
+        copy_A_natural<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
+        copy_x_natural<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+      } else {
+        copy_A_async<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
+        copy_x_async<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+      }
     }
     cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
   };
@@ -181,20 +214,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     fill(sc + kAhead);
     cur[0] = nxt[0];
     cur[1] = nxt[1];
+    if constexpr (NAT) {  // here, a superchunk after the load was issued: its data is in
+      natural_quads(cur[0].w, t);
+      natural_quads(cur[1].w, t);
+    }
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
     const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
     const uint64_t desc0 = smem_desc(slot + a_slot_bytes(RT), NTOK * 16, 128);
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    // The scale mmas of k-tile s + 1 are issued before the wgmma of k-tile s: issued after it, they queued
+    // behind it in the tensor pipe ("math" stalls on the mma.sync, ncu at 1024 tokens).
+    float sa[2][4], sb[2][4];
+    auto scale = [&](int s) {
       uint4 af[RT];
 #pragma unroll
       for (int c = 0; c < RT; ++c) af[c] = ldsm_x4_trans(slot + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
+      scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
+    };
+    scale(0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
       uint32_t wf[4];
       if constexpr (PAIRS)
-        weight_frag_pairs<T, RT>(wf, bf, af, cur[0], cur[1], smem_s, lane8, s);
+        apply_code_pairs<T>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], smem_s, lane8, s);
       else
-        weight_frag<T, BITS, RT>(wf, bf, af, cur[0], cur[1], lut, s);
+        apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
+      if (s + 1 < 8) scale(s + 1);
       wgmma_fence();
       WgmmaRS<T, NTOK>::run(acc, wf, desc0 + (uint64_t)(s * x_tile_bytes(NTOK) / 16));
       wgmma_commit();

@@ -200,6 +200,9 @@ __device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int byte
   else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
@@ -240,6 +243,57 @@ __device__ __forceinline__ void copy_A_async(uint32_t slot, const T* __restrict_
     cp_async(dst + it * kRowStep * kPosPad * 2, ok ? src : a16, 4, ok ? 4 : 0);
     src += step;
   }
+}
+
+// The natural k order (fused_gemm.cu at 4 bits, see natural_quads): a slot holds A[:, kbase .. kbase + 127] as
+// it is in memory, position = k - kbase, so the copy is 16-byte cp.async (16 per rank row) and the same
+// ldmatrix.trans reads give the scale mma's B fragments. Needs K % 128 == 0 and a 16-byte aligned A.
+template <typename T, int RT, int NTHREADS>
+__device__ __forceinline__ void copy_A_natural(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase) {
+  constexpr int kRowStep = NTHREADS / 16;
+  static_assert(NTHREADS % 16 == 0 && (RT * 16) % kRowStep == 0, "whole rank rows per pass");
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
+  const uint16_t* src = a16 + (long)j0 * K + kbase + 8 * c;
+  const long step = (long)kRowStep * K;
+  const uint32_t dst = slot + (uint32_t)(j0 * kPosPad + 8 * c) * 2;
+#pragma unroll
+  for (int it = 0; it < RT * 16 / kRowStep; ++it) {
+    const bool ok = j0 + it * kRowStep < r;
+    cp_async16(dst + it * kRowStep * kPosPad * 2, ok ? src : a16, ok ? 16 : 0);
+    src += step;
+  }
+}
+
+// 4-bit codes in the natural k order. With k-tile s = real k 16 s .. 16 s + 15 of a superchunk (no
+// permutation), lane t's mma positions 2t, 2t+1 and 2t+8, 2t+9 are the code bytes 8 s + t and 8 s + 4 + t of
+// the row's 64 bytes: byte t of every word. The 16-byte load still gives lane t bytes 16 t .. 16 t + 15
+// (words 4t .. 4t+3), so the four lanes of a row exchange bytes: word q of lane t afterwards holds byte t
+// of words 4q .. 4q + 3, which puts k-tile s's pairs at bytes 2 (s % 2) and 2 (s % 2) + 1 of word s / 2:
+// the layout Codes<4>::raw and weight_frag_pairs read for the permuted order. A byte transpose inside each
+// lane (8 PRMT), then a 4 x 4 word transpose across the lanes of a quad in two butterfly steps (4 SHFL, 12
+// SEL): 24 instructions per row and superchunk, against 16 byte-granular x and A copies per thread and
+// superchunk in the permuted order (fused_gemm.cu; ncu: the 4-byte x copies were 66 % of the executed
+// instructions at 1024 tokens).
+__device__ __forceinline__ void natural_quads(uint32_t (&w)[4], int t) {
+  const uint32_t a = __byte_perm(w[0], w[1], 0x5140), b = __byte_perm(w[2], w[3], 0x5140);
+  const uint32_t c = __byte_perm(w[0], w[1], 0x7362), d = __byte_perm(w[2], w[3], 0x7362);
+  // m[k] = byte k of w[0 .. 3]: what lane k of the quad needs from this lane.
+  uint32_t m[4] = {__byte_perm(a, b, 0x5410), __byte_perm(a, b, 0x7632), __byte_perm(c, d, 0x5410),
+                   __byte_perm(c, d, 0x7632)};
+  // Step 1, lanes t and t ^ 2 swap the off-diagonal 2 x 2 blocks.
+  const bool hi = t & 2;
+  uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi ? m[0] : m[2], 2);
+  uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi ? m[1] : m[3], 2);
+  const uint32_t n0 = hi ? r0 : m[0], n1 = hi ? r1 : m[1], n2 = hi ? m[2] : r0, n3 = hi ? m[3] : r1;
+  // Step 2, lanes t and t ^ 1 transpose inside each block.
+  const bool lo = t & 1;
+  r0 = __shfl_xor_sync(0xffffffffu, lo ? n0 : n1, 1);
+  r1 = __shfl_xor_sync(0xffffffffu, lo ? n2 : n3, 1);
+  w[0] = lo ? r0 : n0;
+  w[1] = lo ? n1 : r0;
+  w[2] = lo ? r1 : n2;
+  w[3] = lo ? n3 : r1;
 }
 
 // The same copy off the vector path (any K, unaligned A): element loads with bounds, shared stores.
@@ -321,12 +375,10 @@ __device__ __forceinline__ uint32_t quad_pair_selector(int s) { return 0x5504u |
 
 // W fragment (A-operand layout) of one 16x16 tile for k-tile s:
 // S_tile = B_frag @ A_stage via 2*RT mmas, then W = codebook[code] * S_tile in fp32, packed to T.
-template <typename T, int BITS, int RT>
-__device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4], const uint4 (&af)[RT],
+// (apply_codes: the second half alone, for callers that issue the scale mmas earlier.)
+template <typename T, int BITS>
+__device__ __forceinline__ void apply_codes(uint32_t (&wf)[4], const float (&s0)[4], const float (&s1)[4],
                                             const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
-  float s0[4] = {0.f, 0.f, 0.f, 0.f};
-  float s1[4] = {0.f, 0.f, 0.f, 0.f};
-  scale_frags<T, RT>(s0, s1, bf, af);
   uint32_t qa[4], qb[4];
   lo.quad(s, qa);
   hi.quad(s, qb);
@@ -336,19 +388,24 @@ __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&
   wf[2] = Mma<T>::pack(lut[qa[2]] * s1[0], lut[qa[3]] * s1[1]);
   wf[3] = Mma<T>::pack(lut[qb[2]] * s1[2], lut[qb[3]] * s1[3]);
 }
+template <typename T, int BITS, int RT>
+__device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4], const uint4 (&af)[RT],
+                                            const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f};
+  float s1[4] = {0.f, 0.f, 0.f, 0.f};
+  scale_frags<T, RT>(s0, s1, bf, af);
+  apply_codes<T, BITS>(wf, s0, s1, lo, hi, lut, s);
+}
 
 // 4-bit W fragment from a pair table: entry p (a byte of two codes, low nibble first) holds the fp32
 // levels (codebook[p & 15], codebook[p >> 4]), one 8-byte copy per lane, so lane l's copy of entry p
 // sits at byte (p << 8) | (l << 3) of the table: one PRMT (code byte into bits 8..15, lane8 = 8 * lane
 // in bits 0..7) and one LDS.64 per pair of weights, instead of a shift, a mask and an LDS per weight.
 // Same fp32 products and rounding as weight_frag.
-template <typename T, int RT>
-__device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4],
-                                                  const uint4 (&af)[RT], const Codes<4>& lo, const Codes<4>& hi,
-                                                  uint32_t table, uint32_t lane8, int s) {
-  float s0[4] = {0.f, 0.f, 0.f, 0.f};
-  float s1[4] = {0.f, 0.f, 0.f, 0.f};
-  scale_frags<T, RT>(s0, s1, bf, af);
+template <typename T>
+__device__ __forceinline__ void apply_code_pairs(uint32_t (&wf)[4], const float (&s0)[4], const float (&s1)[4],
+                                                 const Codes<4>& lo, const Codes<4>& hi, uint32_t table,
+                                                 uint32_t lane8, int s) {
   auto pair = [&](uint32_t w, uint32_t sel) -> float2 {
     float2 v;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(table + __byte_perm(w, lane8, sel)));
@@ -361,6 +418,15 @@ __device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint3
   wf[1] = Mma<T>::pack(p1.x * s0[2], p1.y * s0[3]);
   wf[2] = Mma<T>::pack(p2.x * s1[0], p2.y * s1[1]);
   wf[3] = Mma<T>::pack(p3.x * s1[2], p3.y * s1[3]);
+}
+template <typename T, int RT>
+__device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4],
+                                                  const uint4 (&af)[RT], const Codes<4>& lo, const Codes<4>& hi,
+                                                  uint32_t table, uint32_t lane8, int s) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f};
+  float s1[4] = {0.f, 0.f, 0.f, 0.f};
+  scale_frags<T, RT>(s0, s1, bf, af);
+  apply_code_pairs<T>(wf, s0, s1, lo, hi, table, lane8, s);
 }
 
 // The pair table of weight_frag_pairs (64 KB) from the 16 levels in shared memory.
