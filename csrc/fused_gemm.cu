@@ -30,6 +30,7 @@
 #include "wgmma_rs.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -46,7 +47,10 @@ constexpr int kRows = 128;     // weight rows per block: 16 per warp
 // eight k-tiles x two halves) meet at most two to a bank.
 __host__ __device__ constexpr int x_tile_bytes(int ntok) { return ntok * 32 + 16; }
 __host__ __device__ constexpr int x_slot_bytes(int ntok) { return 8 * x_tile_bytes(ntok); }
-__host__ __device__ constexpr int slot_bytes(int rt, int ntok) { return a_slot_bytes(rt) + x_slot_bytes(ntok); }
+// A slot: x first (at a 1024-byte boundary, as the 128-byte swizzle needs), then A.
+__host__ __device__ constexpr int slot_bytes(int rt, int ntok) {
+  return (a_slot_bytes(rt) + x_slot_bytes(ntok) + 1023) / 1024 * 1024;
+}
 // Superchunks copied ahead. The copy of superchunk sc + kAhead goes into the slot read at sc - 2, so no
 // wgmma can still be reading it (a warpgroup keeps one k-tile in flight): kRing = kAhead + 2.
 __host__ __device__ constexpr int ahead(int ntok) { return ntok <= 64 ? 2 : 1; }
@@ -55,8 +59,8 @@ __host__ __device__ constexpr int ring_slots(int ntok) { return ahead(ntok) + 2;
 __host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
   return bits == 4 && (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + kPairTableBytes <= 220 * 1024;
 }
-__host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {
-  return (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0);
+__host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  // + 1 KB to align the ring
+  return (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0) + 1024;
 }
 // The epilogue's fp32 partial tile [NTOK tokens][kPartStride], in the same shared memory: the stride of 132
 // floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
@@ -65,7 +69,7 @@ static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_byt
                   smem_bytes(2, 1, 64) >= 64 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
 // 256 tokens take r <= 32 (RT <= 2): at RT = 4 three slots need 243 KB.
-static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 1024 && smem_bytes(4, 4, 128) <= 227 * 1024 - 1024,
+static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 128) <= 227 * 1024 - 256,
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -73,20 +77,37 @@ static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 1024 && smem_bytes(4, 4, 128
 // 8c .. 8c + 7) is one core-matrix row, of k-tile c / 2 and half c % 2. Thread i copies chunk i % 16 of
 // tokens i / 16 + 16 j: a warp reads 2 x 256 contiguous bytes and its 16-byte shared stores fall into
 // four 128-byte wavefronts (the k-tile shift of x_tile_bytes spreads the eight k-tiles over the banks).
-template <typename T, int NTOK>
+// LAYOUT (experiment): 0 = halves NTOK * 16 bytes apart, 1 = halves 128 bytes apart and 8-token groups
+// 256 apart (the re-associated kernel's Z layout), 2 = 128-byte swizzle (two 64-k panels of NTOK rows x 128
+// bytes, 16-byte chunk index XOR token % 8).
+template <int LAYOUT, int NTOK>
+__host__ __device__ constexpr uint32_t x_chunk_offset(int c, int m) {
+  if constexpr (LAYOUT == 0) return (c / 2) * x_tile_bytes(NTOK) + (c % 2) * NTOK * 16 + m * 16;
+  if constexpr (LAYOUT == 1) return (c / 2) * x_tile_bytes(NTOK) + (m / 8) * 256 + (c % 2) * 128 + (m % 8) * 16;
+  return (c / 8) * NTOK * 128 + m * 128 + (((c % 8) ^ (m % 8)) * 16);
+}
+template <int LAYOUT, int NTOK>
+__device__ __forceinline__ uint64_t x_desc(uint32_t xslot, int s) {
+  if constexpr (LAYOUT == 0) return smem_desc(xslot + s * x_tile_bytes(NTOK), NTOK * 16, 128);
+  if constexpr (LAYOUT == 1) return smem_desc(xslot + s * x_tile_bytes(NTOK), 128, 256);
+  return smem_desc(xslot + (s / 4) * NTOK * 128 + (s % 4) * 32, 16, 1024) | (1ull << 62);
+}
+template <typename T, int NTOK, int LAYOUT>
 __device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
                                                long kbase) {
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   constexpr int kStep = kThreads / 16;
+  static_assert(kStep % 8 == 0, "x_chunk_offset is linear in steps of 8 tokens");
   const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
-  const uint32_t dst = xslot + (c / 2) * x_tile_bytes(NTOK) + (c % 2) * NTOK * 16 + j0 * 16;
+  const uint32_t dst = xslot + x_chunk_offset<LAYOUT, NTOK>(c, j0);
+  constexpr uint32_t kDstStep = x_chunk_offset<LAYOUT, NTOK>(0, kStep) - x_chunk_offset<LAYOUT, NTOK>(0, 0);
   const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
   const long step = (long)kStep * K;
   const int left = M - tok0 - j0;
 #pragma unroll
   for (int it = 0; it < NTOK / kStep; ++it) {
     const bool ok = it * kStep < left;
-    cp_async16(dst + it * kStep * 16, ok ? src : x16, ok ? 16 : 0);
+    cp_async16(dst + it * kDstStep, ok ? src : x16, ok ? 16 : 0);
     src += step;
   }
 }
@@ -135,7 +156,7 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
 }
 #endif
 
-template <typename T, int BITS, int RT, int NTOK>
+template <typename T, int BITS, int RT, int NTOK, int LAYOUT>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
@@ -151,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dyn));
-  const uint32_t ring_s = smem_s + (PAIRS ? (uint32_t)kPairTableBytes : 0u);
+  const uint32_t ring_s = (smem_s + (PAIRS ? (uint32_t)kPairTableBytes : 0u) + 1023u) & ~1023u;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const long block_row0 = (long)blockIdx.x * kRows;
@@ -179,11 +200,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sc < nsc) {
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
       if constexpr (NAT) {
-        copy_A_natural<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
-        copy_x_natural<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+        copy_A_natural<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
+        copy_x_natural<T, NTOK, LAYOUT>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       } else {
-        copy_A_async<T, RT, kThreads>(slot, A, r, K, k0 + (long)sc * kSuper);
-        copy_x_async<T, NTOK>(slot + a_slot_bytes(RT), x, M, tok0, K, k0 + (long)sc * kSuper);
+        copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
+        copy_x_async<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       }
     }
     cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
@@ -221,14 +242,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
     const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-    const uint64_t desc0 = smem_desc(slot + a_slot_bytes(RT), NTOK * 16, 128);
+    constexpr int kLayout = NAT ? LAYOUT : 0;
     // The scale mmas of k-tile s + 1 are issued before the wgmma of k-tile s: issued after it, they queued
     // behind it in the tensor pipe ("math" stalls on the mma.sync, ncu at 1024 tokens).
     float sa[2][4], sb[2][4];
     auto scale = [&](int s) {
       uint4 af[RT];
 #pragma unroll
-      for (int c = 0; c < RT; ++c) af[c] = ldsm_x4_trans(slot + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
+      for (int c = 0; c < RT; ++c)
+        af[c] = ldsm_x4_trans(slot + x_slot_bytes(NTOK) + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
 #pragma unroll
       for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
       scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
@@ -243,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
       if (s + 1 < 8) scale(s + 1);
       wgmma_fence();
-      WgmmaRS<T, NTOK>::run(acc, wf, desc0 + (uint64_t)(s * x_tile_bytes(NTOK) / 16));
+      WgmmaRS<T, NTOK>::run(acc, wf, x_desc<kLayout, NTOK>(slot, s));
       wgmma_commit();
       wgmma_wait<1>();
     }
@@ -297,9 +319,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+int layout_choice() {
+  static const int v = [] {
+    const char* e = std::getenv("LORDS_FUSED_LAYOUT");
+    return e != nullptr && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : 2;
+  }();
+  return v;
+}
+
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
+  const int layout = BITS == 4 ? layout_choice() : 0;
+  auto kernel = layout == 0   ? fused_gemm_kernel<T, BITS, RT, NTOK, 0>
+                : layout == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1>
+                              : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
   constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
