@@ -40,13 +40,17 @@ namespace {
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // weight rows per block: 16 per warp
 
-// x tile of one k-tile: tokens x 16 positions, core matrices of 8 tokens x 8 positions (128 contiguous
-// bytes); token m's 16 bytes of positions 0-7 at m * 16 (stride-dimension offset 128 between 8-token
-// groups), positions 8-15 NTOK * 16 bytes further (leading-dimension offset). The 16 bytes past each tile
-// shift consecutive k-tiles by four banks, so the copy's 4-byte writes (one token's 32 pairs per warp,
-// eight k-tiles x two halves) meet at most two to a bank.
-__host__ __device__ constexpr int x_tile_bytes(int ntok) { return ntok * 32 + 16; }
-__host__ __device__ constexpr int x_slot_bytes(int ntok) { return 8 * x_tile_bytes(ntok); }
+// x slot of one superchunk: wgmma's K-major layout with the 128-byte swizzle, two panels of 64 k (k-tiles
+// 0-3, 4-7), each NTOK token rows of 128 bytes, 16-byte chunk j of token m's row at chunk j ^ (m % 8). The
+// first version used the no-swizzle layout (core matrices of 8 tokens x 16 bytes): the tensor cores' reads of
+// a 256-token B tile then collide in the banks, and 1024 tokens on 4096x4096 took 164 us against 86 with the
+// swizzle (H100, session 10; a third layout, the two k halves 128 bytes apart, 169 us).
+__host__ __device__ constexpr int x_slot_bytes(int ntok) { return ntok * 256; }
+// Byte offset of the 16 bytes of positions 8 (c % 2) .. + 7 of k-tile c / 2 for token m.
+template <int NTOK>
+__host__ __device__ constexpr uint32_t x_chunk_offset(int c, int m) {
+  return (c / 8) * NTOK * 128 + m * 128 + (((c % 8) ^ (m % 8)) * 16);
+}
 // A slot: x first (at a 1024-byte boundary, as the 128-byte swizzle needs), then A.
 __host__ __device__ constexpr int slot_bytes(int rt, int ntok) {
   return (a_slot_bytes(rt) + x_slot_bytes(ntok) + 1023) / 1024 * 1024;
@@ -73,63 +77,54 @@ static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 128)
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The natural k order (4 bits, see natural_quads in lords_tile.cuh): 16-byte chunk c of a token row (k
-// 8c .. 8c + 7) is one core-matrix row, of k-tile c / 2 and half c % 2. Thread i copies chunk i % 16 of
-// tokens i / 16 + 16 j: a warp reads 2 x 256 contiguous bytes and its 16-byte shared stores fall into
-// four 128-byte wavefronts (the k-tile shift of x_tile_bytes spreads the eight k-tiles over the banks).
-// LAYOUT (experiment): 0 = halves NTOK * 16 bytes apart, 1 = halves 128 bytes apart and 8-token groups
-// 256 apart (the re-associated kernel's Z layout), 2 = 128-byte swizzle (two 64-k panels of NTOK rows x 128
-// bytes, 16-byte chunk index XOR token % 8).
-template <int LAYOUT, int NTOK>
-__host__ __device__ constexpr uint32_t x_chunk_offset(int c, int m) {
-  if constexpr (LAYOUT == 0) return (c / 2) * x_tile_bytes(NTOK) + (c % 2) * NTOK * 16 + m * 16;
-  if constexpr (LAYOUT == 1) return (c / 2) * x_tile_bytes(NTOK) + (m / 8) * 256 + (c % 2) * 128 + (m % 8) * 16;
-  return (c / 8) * NTOK * 128 + m * 128 + (((c % 8) ^ (m % 8)) * 16);
-}
-template <int LAYOUT, int NTOK>
+// Descriptor of k-tile s of an x slot: the swizzled layout's 8-row groups are 1024 bytes apart, and a k-tile
+// inside a panel starts 32 bytes further per k-tile (the hardware applies the swizzle to the address bits).
+template <int NTOK>
 __device__ __forceinline__ uint64_t x_desc(uint32_t xslot, int s) {
-  if constexpr (LAYOUT == 0) return smem_desc(xslot + s * x_tile_bytes(NTOK), NTOK * 16, 128);
-  if constexpr (LAYOUT == 1) return smem_desc(xslot + s * x_tile_bytes(NTOK), 128, 256);
   return smem_desc(xslot + (s / 4) * NTOK * 128 + (s % 4) * 32, 16, 1024) | (1ull << 62);
 }
-template <typename T, int NTOK, int LAYOUT>
+
+// The natural k order (4 bits, see natural_quads in lords_tile.cuh): 16-byte chunk c of a token row (k
+// 8c .. 8c + 7) is chunk c of the swizzled row. Thread i copies chunk i % 16 of tokens i / 16 + 16 j: a warp
+// reads 2 x 256 contiguous bytes and its 16-byte shared stores fill four 128-byte wavefronts.
+template <typename T, int NTOK>
 __device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
                                                long kbase) {
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   constexpr int kStep = kThreads / 16;
   static_assert(kStep % 8 == 0, "x_chunk_offset is linear in steps of 8 tokens");
   const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
-  const uint32_t dst = xslot + x_chunk_offset<LAYOUT, NTOK>(c, j0);
-  constexpr uint32_t kDstStep = x_chunk_offset<LAYOUT, NTOK>(0, kStep) - x_chunk_offset<LAYOUT, NTOK>(0, 0);
+  const uint32_t dst = xslot + x_chunk_offset<NTOK>(c, j0);
   const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
   const long step = (long)kStep * K;
   const int left = M - tok0 - j0;
 #pragma unroll
   for (int it = 0; it < NTOK / kStep; ++it) {
     const bool ok = it * kStep < left;
-    cp_async16(dst + it * kDstStep, ok ? src : x16, ok ? 16 : 0);
+    cp_async16(dst + it * kStep * 128, ok ? src : x16, ok ? 16 : 0);
     src += step;
   }
 }
 
-// The permuted k order (2 and 3 bits): superchunk kbase .. kbase + 127 of x, tokens tok0 .. tok0 + NTOK - 1 (zero past M), into an x slot. Thread
-// i copies pair u = i % 64 (real k 2u, 2u + 1 = 32 q + 4 s + 2 h + {0, 1}: k-tile s, positions 2q + 8h) of
-// tokens i / 64 + 4 j: a warp reads 128 contiguous bytes of one token row.
+// The permuted k order (2 and 3 bits): thread i copies pair u = i % 64 (real k 2u, 2u + 1 = 32 q + 4 s + 2 h
+// + {0, 1}: k-tile s, positions 2q + 8h, so chunk 2s + h, bytes 4q ..) of tokens i / 64 + 4 j: a warp reads 128
+// contiguous bytes of one token row. Tokens j and j + 4 differ in their swizzle, hence two running offsets.
 template <typename T, int NTOK>
 __device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
                                              long kbase) {
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   constexpr int kStep = kThreads / 64;
+  static_assert(kStep == 4 && NTOK % 8 == 0, "two token columns per 8-token swizzle group");
   const int u = threadIdx.x % 64, j0 = threadIdx.x / 64;
-  const int s = (u % 16) / 2, h = u % 2, q = u / 16;
-  const uint32_t dst = xslot + s * x_tile_bytes(NTOK) + h * NTOK * 16 + j0 * 16 + q * 4;
+  const int c = 2 * ((u % 16) / 2) + u % 2, q = u / 16;
+  const uint32_t dst[2] = {xslot + x_chunk_offset<NTOK>(c, j0) + 4 * q, xslot + x_chunk_offset<NTOK>(c, j0 + 4) + 4 * q};
   const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 2 * u;
   const long step = (long)kStep * K;
   const int left = M - tok0 - j0;  // tokens of this thread's column that exist
 #pragma unroll 8
   for (int it = 0; it < NTOK / kStep; ++it) {
     const bool ok = it * kStep < left;
-    cp_async(dst + it * kStep * 16, ok ? src : x16, 4, ok ? 4 : 0);
+    cp_async(dst[it % 2] + (it / 2) * 1024, ok ? src : x16, 4, ok ? 4 : 0);
     src += step;
   }
 }
@@ -156,7 +151,7 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
 }
 #endif
 
-template <typename T, int BITS, int RT, int NTOK, int LAYOUT>
+template <typename T, int BITS, int RT, int NTOK, int DEPTH>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
@@ -201,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
       if constexpr (NAT) {
         copy_A_natural<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
-        copy_x_natural<T, NTOK, LAYOUT>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
+        copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       } else {
         copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
         copy_x_async<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
@@ -242,7 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
     const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-    constexpr int kLayout = NAT ? LAYOUT : 0;
     // The scale mmas of k-tile s + 1 are issued before the wgmma of k-tile s: issued after it, they queued
     // behind it in the tensor pipe ("math" stalls on the mma.sync, ncu at 1024 tokens).
     float sa[2][4], sb[2][4];
@@ -265,9 +259,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
       if (s + 1 < 8) scale(s + 1);
       wgmma_fence();
-      WgmmaRS<T, NTOK>::run(acc, wf, x_desc<kLayout, NTOK>(slot, s));
+      WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
       wgmma_commit();
-      wgmma_wait<1>();
+      wgmma_wait<DEPTH>();
     }
   }
   wgmma_wait<0>();
@@ -319,20 +313,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-int layout_choice() {
+int depth_choice() {  // experiment: wgmma groups left in flight per k-tile
   static const int v = [] {
-    const char* e = std::getenv("LORDS_FUSED_LAYOUT");
-    return e != nullptr && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : 2;
+    const char* e = std::getenv("LORDS_FUSED_DEPTH");
+    return e != nullptr && e[0] == '1' ? 1 : 2;
   }();
   return v;
 }
 
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  const int layout = BITS == 4 ? layout_choice() : 0;
-  auto kernel = layout == 0   ? fused_gemm_kernel<T, BITS, RT, NTOK, 0>
-                : layout == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1>
-                              : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
+  auto kernel = depth_choice() == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1> : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
   constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
