@@ -129,6 +129,32 @@ __device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict
   }
 }
 
+// A slot for the scale wgmma (SV 0, 1): wgmma's MN-major no-swizzle layout for B = A[ranks, positions] (K =
+// ranks, N = positions), core matrices of 8 ranks x 8 positions (16 bytes per rank, 128 contiguous bytes), core
+// (rank group jg, 8-position chunk c) at jg * 2048 + c * 128. Lane l copies rank 8 jg + l % 8, chunk 4 (warp % 4)
+// + (l / 8) % 4: the eight ranks of a warp's stores lie in distinct banks (a chunk-major lane order put the
+// 16 chunks of one rank in one bank group).
+static_assert(a_slot_bytes(1) >= 4096, "the MN-major A layout (4096 bytes per 16 ranks) fits the A slot");
+template <typename T, int RT>
+__device__ __forceinline__ void copy_A_mn(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase) {
+  static_assert(kThreads == 256, "two rank groups per pass");
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int j8 = threadIdx.x % 8, c = 4 * ((threadIdx.x / 32) % 4) + (threadIdx.x / 8) % 4, jg0 = threadIdx.x / 128;
+  const uint32_t dst = slot + jg0 * 2048 + c * 128 + j8 * 16;
+  const uint16_t* src = a16 + (long)(8 * jg0 + j8) * K + kbase + 8 * c;
+#pragma unroll
+  for (int it = 0; it < RT; ++it) {
+    const bool ok = 8 * (jg0 + 2 * it) + j8 < r;
+    cp_async16(dst + it * 4096, ok ? src : a16, ok ? 16 : 0);
+    src += 16 * K;
+  }
+}
+template <int SV>
+__device__ __forceinline__ uint64_t a_mn_desc(uint32_t aslot, int s, int c) {
+  const uint32_t start = aslot + c * 4096 + 2 * s * 128;
+  return SV == 0 ? smem_desc(start, 2048, 128) : smem_desc(start, 128, 2048);
+}
+
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
@@ -151,7 +177,7 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
 }
 #endif
 
-template <typename T, int BITS, int RT, int NTOK, int DEPTH>
+template <typename T, int BITS, int RT, int NTOK, int SV>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
@@ -163,6 +189,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // lords_tile.cuh permutation otherwise (4-byte copies; a lane's 2- or 3-bit codes of one k-tile are not
   // a byte of the 16-byte load there).
   constexpr bool NAT = BITS == 4;
+  // Scale tile: SV 0, 1 (4 bits) one wgmma m64n16k16 per 16 ranks, A read by the tensor cores (experiment: the
+  // two readings of the MN-major descriptor's offsets); SV 2 mma.sync with ldmatrix fragments.
+  constexpr bool SWG = NAT && SV != 2;
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -194,7 +223,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto fill = [&](int sc) {
     if (sc < nsc) {
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-      if constexpr (NAT) {
+      if constexpr (SWG) {
+        copy_A_mn<T, RT>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
+        copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
+      } else if constexpr (NAT) {
         copy_A_natural<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
         copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       } else {
@@ -237,6 +269,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
     const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+    if constexpr (SWG) {
+      // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
+      // look-ups need no scale and go before the wait.
+      float sacc[2][8];
+      auto issue_scale = [&](int s) {
+#pragma unroll
+        for (int c = 0; c < RT; ++c)
+          WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc<SV>(slot + x_slot_bytes(NTOK), s, c), c);
+        wgmma_commit();
+      };
+      wgmma_fence();
+      issue_scale(0);
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        float lv[8];
+        if constexpr (PAIRS)
+          lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+        else
+          lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+        if (s == 0)
+          wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
+        else
+          wgmma_wait<1>();
+        // sacc was written behind the compiler's back: no read of it may move above the wait.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sacc[s % 2][i])::"memory");
+        uint32_t wf[4];
+        pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
+                        reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
+        wgmma_fence();
+        if (s + 1 < 8) issue_scale(s + 1);
+        WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
+        wgmma_commit();
+      }
+      continue;
+    }
     // The scale mmas of k-tile s + 1 are issued before the wgmma of k-tile s: issued after it, they queued
     // behind it in the tensor pipe ("math" stalls on the mma.sync, ncu at 1024 tokens).
     float sa[2][4], sb[2][4];
@@ -261,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
       WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
       wgmma_commit();
-      wgmma_wait<DEPTH>();
+      wgmma_wait<1>();
     }
   }
   wgmma_wait<0>();
@@ -313,17 +381,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-int depth_choice() {  // experiment: wgmma groups left in flight per k-tile
+int sv_choice() {  // experiment: scale tile on wgmma (0, 1: the MN-major offsets read either way) or mma.sync (2)
   static const int v = [] {
-    const char* e = std::getenv("LORDS_FUSED_DEPTH");
-    return e != nullptr && e[0] == '1' ? 1 : 2;
+    const char* e = std::getenv("LORDS_FUSED_SV");
+    return e != nullptr && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
   }();
   return v;
 }
 
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = depth_choice() == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1> : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
+  const int sv = BITS == 4 ? sv_choice() : 2;
+  auto kernel = sv == 0   ? fused_gemm_kernel<T, BITS, RT, NTOK, 0>
+                : sv == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1>
+                          : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
   constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));

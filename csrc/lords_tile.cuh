@@ -375,18 +375,33 @@ __device__ __forceinline__ uint32_t quad_pair_selector(int s) { return 0x5504u |
 
 // W fragment (A-operand layout) of one 16x16 tile for k-tile s:
 // S_tile = B_frag @ A_stage via 2*RT mmas, then W = codebook[code] * S_tile in fp32, packed to T.
-// (apply_codes: the second half alone, for callers that issue the scale mmas earlier.)
-template <typename T, int BITS>
-__device__ __forceinline__ void apply_codes(uint32_t (&wf)[4], const float (&s0)[4], const float (&s1)[4],
-                                            const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
+// (The halves on their own, for callers that issue the scale mmas earlier: lookup_codes gives the levels
+// of k-tile s in the order of the scale accumulators, s0[0..3] then s1[0..3], and pack_weights multiplies.)
+template <int BITS>
+__device__ __forceinline__ void lookup_codes(float (&lv)[8], const Codes<BITS>& lo, const Codes<BITS>& hi,
+                                             const float* lut, int s) {
   uint32_t qa[4], qb[4];
   lo.quad(s, qa);
   hi.quad(s, qb);
   // positions 2t, 2t+1 -> codes 0, 1 of the quad; positions 2t+8, 2t+9 -> codes 2, 3.
-  wf[0] = Mma<T>::pack(lut[qa[0]] * s0[0], lut[qa[1]] * s0[1]);
-  wf[1] = Mma<T>::pack(lut[qb[0]] * s0[2], lut[qb[1]] * s0[3]);
-  wf[2] = Mma<T>::pack(lut[qa[2]] * s1[0], lut[qa[3]] * s1[1]);
-  wf[3] = Mma<T>::pack(lut[qb[2]] * s1[2], lut[qb[3]] * s1[3]);
+  const uint32_t q[8] = {qa[0], qa[1], qb[0], qb[1], qa[2], qa[3], qb[2], qb[3]};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) lv[i] = lut[q[i]];
+}
+template <typename T>
+__device__ __forceinline__ void pack_weights(uint32_t (&wf)[4], const float (&lv)[8], const float (&s0)[4],
+                                             const float (&s1)[4]) {
+  wf[0] = Mma<T>::pack(lv[0] * s0[0], lv[1] * s0[1]);
+  wf[1] = Mma<T>::pack(lv[2] * s0[2], lv[3] * s0[3]);
+  wf[2] = Mma<T>::pack(lv[4] * s1[0], lv[5] * s1[1]);
+  wf[3] = Mma<T>::pack(lv[6] * s1[2], lv[7] * s1[3]);
+}
+template <typename T, int BITS>
+__device__ __forceinline__ void apply_codes(uint32_t (&wf)[4], const float (&s0)[4], const float (&s1)[4],
+                                            const Codes<BITS>& lo, const Codes<BITS>& hi, const float* lut, int s) {
+  float lv[8];
+  lookup_codes<BITS>(lv, lo, hi, lut, s);
+  pack_weights<T>(wf, lv, s0, s1);
 }
 template <typename T, int BITS, int RT>
 __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4], const uint4 (&af)[RT],
@@ -402,22 +417,27 @@ __device__ __forceinline__ void weight_frag(uint32_t (&wf)[4], const uint32_t (&
 // sits at byte (p << 8) | (l << 3) of the table: one PRMT (code byte into bits 8..15, lane8 = 8 * lane
 // in bits 0..7) and one LDS.64 per pair of weights, instead of a shift, a mask and an LDS per weight.
 // Same fp32 products and rounding as weight_frag.
+__device__ __forceinline__ void lookup_code_pairs(float (&lv)[8], const Codes<4>& lo, const Codes<4>& hi,
+                                                  uint32_t table, uint32_t lane8, int s) {
+  auto pair = [&](int i, uint32_t w, uint32_t sel) {
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                 : "=f"(lv[2 * i]), "=f"(lv[2 * i + 1])
+                 : "r"(table + __byte_perm(w, lane8, sel)));
+  };
+  const uint32_t wa = lo.w[s / 2], wb = hi.w[s / 2];
+  const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
+  pair(0, wa, sel0);
+  pair(1, wb, sel0);
+  pair(2, wa, sel1);
+  pair(3, wb, sel1);
+}
 template <typename T>
 __device__ __forceinline__ void apply_code_pairs(uint32_t (&wf)[4], const float (&s0)[4], const float (&s1)[4],
                                                  const Codes<4>& lo, const Codes<4>& hi, uint32_t table,
                                                  uint32_t lane8, int s) {
-  auto pair = [&](uint32_t w, uint32_t sel) -> float2 {
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(table + __byte_perm(w, lane8, sel)));
-    return v;
-  };
-  const uint32_t wa = lo.w[s / 2], wb = hi.w[s / 2];
-  const uint32_t sel0 = quad_pair_selector(s), sel1 = sel0 + 0x10u;
-  const float2 p0 = pair(wa, sel0), p1 = pair(wb, sel0), p2 = pair(wa, sel1), p3 = pair(wb, sel1);
-  wf[0] = Mma<T>::pack(p0.x * s0[0], p0.y * s0[1]);
-  wf[1] = Mma<T>::pack(p1.x * s0[2], p1.y * s0[3]);
-  wf[2] = Mma<T>::pack(p2.x * s1[0], p2.y * s1[1]);
-  wf[3] = Mma<T>::pack(p3.x * s1[2], p3.y * s1[3]);
+  float lv[8];
+  lookup_code_pairs(lv, lo, hi, table, lane8, s);
+  pack_weights<T>(wf, lv, s0, s1);
 }
 template <typename T, int RT>
 __device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint32_t (&bf)[RT][4],
