@@ -30,7 +30,6 @@
 #include "wgmma_rs.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -129,9 +128,11 @@ __device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict
   }
 }
 
-// A slot for the scale wgmma (SV 0, 1): wgmma's MN-major no-swizzle layout for B = A[ranks, positions] (K =
+// A slot for the scale wgmma (4 bits): wgmma's MN-major no-swizzle layout for B = A[ranks, positions] (K =
 // ranks, N = positions), core matrices of 8 ranks x 8 positions (16 bytes per rank, 128 contiguous bytes), core
-// (rank group jg, 8-position chunk c) at jg * 2048 + c * 128. Lane l copies rank 8 jg + l % 8, chunk 4 (warp % 4)
+// (rank group jg, 8-position chunk c) at jg * 2048 + c * 128: the descriptor's leading-dimension offset is the
+// step along K (2048), the stride-dimension offset the step along N (128); the other reading gave wrong
+// results on the H100. Lane l copies rank 8 jg + l % 8, chunk 4 (warp % 4)
 // + (l / 8) % 4: the eight ranks of a warp's stores lie in distinct banks (a chunk-major lane order put the
 // 16 chunks of one rank in one bank group).
 static_assert(a_slot_bytes(1) >= 4096, "the MN-major A layout (4096 bytes per 16 ranks) fits the A slot");
@@ -149,10 +150,8 @@ __device__ __forceinline__ void copy_A_mn(uint32_t slot, const T* __restrict__ A
     src += 16 * K;
   }
 }
-template <int SV>
 __device__ __forceinline__ uint64_t a_mn_desc(uint32_t aslot, int s, int c) {
-  const uint32_t start = aslot + c * 4096 + 2 * s * 128;
-  return SV == 0 ? smem_desc(start, 2048, 128) : smem_desc(start, 128, 2048);
+  return smem_desc(aslot + c * 4096 + 2 * s * 128, 2048, 128);
 }
 
 __device__ __forceinline__ void cluster_sync() {
@@ -177,7 +176,7 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
 }
 #endif
 
-template <typename T, int BITS, int RT, int NTOK, int SV>
+template <typename T, int BITS, int RT, int NTOK>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
@@ -189,9 +188,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // lords_tile.cuh permutation otherwise (4-byte copies; a lane's 2- or 3-bit codes of one k-tile are not
   // a byte of the 16-byte load there).
   constexpr bool NAT = BITS == 4;
-  // Scale tile: SV 0, 1 (4 bits) one wgmma m64n16k16 per 16 ranks, A read by the tensor cores (experiment: the
-  // two readings of the MN-major descriptor's offsets); SV 2 mma.sync with ldmatrix fragments.
-  constexpr bool SWG = NAT && SV != 2;
+  // Scale tile at 4 bits: one wgmma m64n16k16 per 16 ranks, B rows from registers, A read by the tensor cores
+  // from its slot; it queues with the products instead of behind them. On mma.sync (2 and 3 bits here) the
+  // scale mmas of a k-tile waited for the warpgroup's wgmmas in flight (ncu: "math" stalls on them; waiting
+  // on two wgmmas instead of one changed nothing), and every warp read the same A fragments with ldmatrix.
+  // H100, session 10, bench.dequant_paths: 14336x4096 r = 49, 64 tokens 65.4 -> 60.0 us, 1024 tokens 564 -> 487;
+  // 4096x4096 r = 32, 1024 tokens 90.5 -> 83.9.
+  constexpr bool SWG = NAT;
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -225,9 +228,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
       if constexpr (SWG) {
         copy_A_mn<T, RT>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
-        copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
-      } else if constexpr (NAT) {
-        copy_A_natural<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
         copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       } else {
         copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto issue_scale = [&](int s) {
 #pragma unroll
         for (int c = 0; c < RT; ++c)
-          WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc<SV>(slot + x_slot_bytes(NTOK), s, c), c);
+          WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc(slot + x_slot_bytes(NTOK), s, c), c);
         wgmma_commit();
       };
       wgmma_fence();
@@ -305,8 +305,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       continue;
     }
-    // The scale mmas of k-tile s + 1 are issued before the wgmma of k-tile s: issued after it, they queued
-    // behind it in the tensor pipe ("math" stalls on the mma.sync, ncu at 1024 tokens).
+    // 2 and 3 bits: scale mmas on mma.sync, those of k-tile s + 1 written before the wgmma of k-tile s (ptxas
+    // still places them after it: they reuse the registers of the wgmma operands in flight).
     float sa[2][4], sb[2][4];
     auto scale = [&](int s) {
       uint4 af[RT];
@@ -381,20 +381,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-int sv_choice() {  // experiment: scale tile on wgmma (0, 1: the MN-major offsets read either way) or mma.sync (2)
-  static const int v = [] {
-    const char* e = std::getenv("LORDS_FUSED_SV");
-    return e != nullptr && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
-  }();
-  return v;
-}
-
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
-  const int sv = BITS == 4 ? sv_choice() : 2;
-  auto kernel = sv == 0   ? fused_gemm_kernel<T, BITS, RT, NTOK, 0>
-                : sv == 1 ? fused_gemm_kernel<T, BITS, RT, NTOK, 1>
-                          : fused_gemm_kernel<T, BITS, RT, NTOK, 2>;
+  auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
   constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));

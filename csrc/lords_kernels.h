@@ -77,8 +77,12 @@ int fused_token_tile(int M, int r);  // tokens per block: 64, 128 or 256 (128 at
 DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int M, int r, int splits);
 void fused_gemm(const DecodeArgs& a, cudaStream_t stream);
-// Where path -1 takes it (where it fits): above the decode kernels' range.
-inline bool fused_gemm_preferred(int M, int r) { return M > kDecodeMaxM && r <= kFusedMaxRank; }
+// Where path -1 takes it (where it fits): 16 < M <= 128, 32 < r <= 64, and N large enough that the 128-row
+// blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); the Python dispatch applies the same rule
+// (lords_ext/backends/dispatch.py, fused_gemm_first, with the measurements). Elsewhere dequantize + cuBLAS.
+inline bool fused_gemm_preferred(int M, long N, int r, int sms) {
+  return M > kDecodeMaxM && M <= 128 && r > 32 && r <= kFusedMaxRank && (N + 127) / 128 * 5 >= 4L * sms;
+}
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.
 struct DequantArgs {

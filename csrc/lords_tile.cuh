@@ -245,26 +245,6 @@ __device__ __forceinline__ void copy_A_async(uint32_t slot, const T* __restrict_
   }
 }
 
-// The natural k order (fused_gemm.cu at 4 bits, see natural_quads): a slot holds A[:, kbase .. kbase + 127] as
-// it is in memory, position = k - kbase, so the copy is 16-byte cp.async (16 per rank row) and the same
-// ldmatrix.trans reads give the scale mma's B fragments. Needs K % 128 == 0 and a 16-byte aligned A.
-template <typename T, int RT, int NTHREADS>
-__device__ __forceinline__ void copy_A_natural(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase) {
-  constexpr int kRowStep = NTHREADS / 16;
-  static_assert(NTHREADS % 16 == 0 && (RT * 16) % kRowStep == 0, "whole rank rows per pass");
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
-  const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
-  const uint16_t* src = a16 + (long)j0 * K + kbase + 8 * c;
-  const long step = (long)kRowStep * K;
-  const uint32_t dst = slot + (uint32_t)(j0 * kPosPad + 8 * c) * 2;
-#pragma unroll
-  for (int it = 0; it < RT * 16 / kRowStep; ++it) {
-    const bool ok = j0 + it * kRowStep < r;
-    cp_async16(dst + it * kRowStep * kPosPad * 2, ok ? src : a16, ok ? 16 : 0);
-    src += step;
-  }
-}
-
 // 4-bit codes in the natural k order. With k-tile s = real k 16 s .. 16 s + 15 of a superchunk (no
 // permutation), lane t's mma positions 2t, 2t+1 and 2t+8, 2t+9 are the code bytes 8 s + t and 8 s + 4 + t of
 // the row's 64 bytes: byte t of every word. The 16-byte load still gives lane t bytes 16 t .. 16 t + 15
@@ -272,9 +252,9 @@ __device__ __forceinline__ void copy_A_natural(uint32_t slot, const T* __restric
 // of words 4q .. 4q + 3, which puts k-tile s's pairs at bytes 2 (s % 2) and 2 (s % 2) + 1 of word s / 2:
 // the layout Codes<4>::raw and weight_frag_pairs read for the permuted order. A byte transpose inside each
 // lane (8 PRMT), then a 4 x 4 word transpose across the lanes of a quad in two butterfly steps (4 SHFL, 12
-// SEL): 24 instructions per row and superchunk, against 16 byte-granular x and A copies per thread and
-// superchunk in the permuted order (fused_gemm.cu; ncu: the 4-byte x copies were 66 % of the executed
-// instructions at 1024 tokens).
+// SEL): 24 instructions per row and superchunk. In the permuted order fused_gemm.cu copied x 4 bytes at a
+// time: 64 copies per thread and superchunk at 256 tokens, 66 % of the executed instructions (ncu, 1024
+// tokens on 4096x4096); in the natural order x and A are 16-byte copies.
 __device__ __forceinline__ void natural_quads(uint32_t (&w)[4], int t) {
   const uint32_t a = __byte_perm(w[0], w[1], 0x5140), b = __byte_perm(w[2], w[3], 0x5140);
   const uint32_t c = __byte_perm(w[0], w[1], 0x7362), d = __byte_perm(w[2], w[3], 0x7362);

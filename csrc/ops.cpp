@@ -10,7 +10,8 @@
 //     (M <= 16), 1: dequantize + cuBLAS, 2: re-associated kernel (M * ceil(r/8)*8 <= 64; its wgmma
 //     variant where the sm_90a image runs), 3: the re-associated kernel on mma.sync only (for A/B timing),
 //     4: the fused wgmma GEMM (fused_gemm.cu; sm_90a image on a 9.0 GPU, r <= 64, K % 128 == 0, 16-byte
-//     aligned x, qweight and A). Automatic takes path 4 above M = 16 where it can run.
+//     aligned x, qweight and A). Automatic takes path 4 where it can run and fused_gemm_preferred holds
+//     (16 < M <= 128, 32 < r <= 64, N filling the GPU with 128-row blocks).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
@@ -257,7 +258,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
   at::Tensor A_conv;
   bool gemm = false;
-  if (path == 4 || (path == -1 && !decode && fused_gemm_preferred((int)M, (int)B_in.size(1)))) {
+  if (path == 4 || (path == -1 && !decode && fused_gemm_preferred((int)M, N, (int)B_in.size(1), sm_count(x.device())))) {
     A_conv = A_in.to(x.scalar_type()).contiguous();
     gemm = fused_gemm_fits(K, (int)B_in.size(1), x.data_ptr(), qweight.data_ptr(), A_conv.data_ptr());
     if (!gemm && path == 4)

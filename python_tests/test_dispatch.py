@@ -32,6 +32,36 @@ def test_k_off_the_superchunk_puts_triton_first(hopper, M, r):
     assert full == dispatch.candidates(torch.device("cuda"), M, r)
 
 
+@pytest.fixture
+def fused_ready(hopper, monkeypatch):
+    from lords_ext.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "fused_gemm_ready", lambda device: True)
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 132)
+
+
+@pytest.mark.parametrize("M,r,K,N,first", [
+    (32, 49, 4096, 14336, "cuda"),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
+    (128, 64, 4096, 14336, "cuda"),
+    (64, 49, 4096, 4096, "triton"),  # it would need split-K
+    (32, 32, 4096, 14336, "triton"),  # r <= 32: not measured faster
+    (16, 49, 4096, 14336, "cuda"),   # the decode range keeps its own rows
+    (32, 49, 576, 14336, "triton"),  # K off the superchunk
+    (32, 49, 4096, None, "triton"),  # N unknown
+])
+def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
+    assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == first
+    assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == (first == "cuda" and M > 16)
+
+
+def test_fused_gemm_rule_needs_the_kernel(hopper, monkeypatch):
+    from lords_ext.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "fused_gemm_ready", lambda device: False)
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 132)
+    assert dispatch.candidates(torch.device("cuda"), 32, 49, 4096, 14336)[0] == "triton"
+
+
 def test_policy_before_ampere(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert dispatch.candidates(torch.device("cuda"), 1, 8) == ("reference",)
@@ -54,9 +84,9 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
     calls = []
     real = dispatch._choose
 
-    def counting(op, t, M, rank, K=None):
+    def counting(op, t, M, rank, K=None, N=None):
         calls.append((op, M, rank))
-        return real(op, t, M, rank, K)
+        return real(op, t, M, rank, K, N)
 
     monkeypatch.setattr(dispatch, "_choose", counting)
     monkeypatch.delenv("LORDS_BACKEND", raising=False)
@@ -84,16 +114,17 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
 
 
 def test_public_ops_pass_k_to_the_dispatch(monkeypatch):
-    """The K rule needs the weight's input features from every public op (A.shape[1], odd here)."""
+    """The K rule needs the weight's input features from every public op (A.shape[1], odd here), the fused
+    GEMM rule the output features from dequant_matmul."""
     import lords_ext  # noqa: F401  (registers torch.ops.lords.*)
     from lords_ext.formats import get_codebook, pack
 
     seen = []
     real = dispatch.choose
 
-    def spy(op, t, M, rank=None, K=None):
-        seen.append((op, M, rank, K))
-        return real(op, t, M, rank, K)
+    def spy(op, t, M, rank=None, K=None, N=None):
+        seen.append((op, M, rank, K, N))
+        return real(op, t, M, rank, K, N)
 
     monkeypatch.setattr(dispatch, "choose", spy)
     monkeypatch.delenv("LORDS_BACKEND", raising=False)
@@ -105,6 +136,7 @@ def test_public_ops_pass_k_to_the_dispatch(monkeypatch):
     x = torch.randn(5, K, requires_grad=True)
     torch.ops.lords.dequant(q, B.detach(), A.detach(), cb)
     torch.ops.lords.dequant_matmul(x, q, B, A, cb, None).sum().backward()
-    ops = {op: (M, rank, k) for op, M, rank, k in seen}
+    ops = {op: (M, rank, k) for op, M, rank, k, _ in seen}
     assert ops["dequant"] == (N, r, K) and ops["dequant_matmul"] == (5, r, K)
+    assert [n for op, *_, n in seen if op == "dequant_matmul"] == [N]  # the fused GEMM rule needs N
     assert ops["grad_x"][2] == K and ops["grad_scales"][2] == K

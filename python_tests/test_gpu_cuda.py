@@ -235,12 +235,22 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
     assert rel(y, y1.float()) < TOL
 
 
-def test_fused_gemm_is_the_automatic_path_above_16_tokens():
+@pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, False),
+                                          (48, 14336, 32, False), (200, 14336, 49, False)])
+def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
+    """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
+    dequantize + cuBLAS elsewhere (bit-identical to path 1); the Python dispatch applies the same rule."""
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
-    x, qweight, B, A, cb, bias = make(48, 512, 1024, 32, 4, seed=3)
+    from lords_ext.backends import dispatch
+
+    x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=3)
     y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
-    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    expect = fused and -(-N // 128) * 5 >= 4 * sms
+    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4 if expect else 1))
+    assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
+    assert rel(y_auto, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 
 
 def test_fused_gemm_rejects_what_it_cannot_run():

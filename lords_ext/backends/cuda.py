@@ -5,7 +5,9 @@ Ops it calls (registered by csrc/ops.cpp):
       path -1: re-associated kernel for M = 1 and 16 < r <= 64 (csrc/reassoc_gemv.cu), fused
       tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
       re-associated kernel (M * ceil(r/8)*8 <= 64; on a 9.0 GPU with the default sm_90a build its
-      wgmma variant), path 3 the same kernel on mma.sync alone (for A/B timing);
+      wgmma variant), path 3 the same kernel on mma.sync alone (for A/B timing), path 4 the fused wgmma
+      GEMM (csrc/fused_gemm.cu: sm_90a build on a 9.0 GPU, r <= 64, K % 128 == 0), which path -1 takes for
+      16 < M <= 128 and 32 < r <= 64 where N fills the GPU with 128-row blocks (dispatch.fused_gemm_first);
       splits 0: the kernel's own split-K plan (other values are for tuning).
   torch.ops.lords.dequant_cuda(qweight, B, A, codebook, superchunks=0) -> W in B.dtype (float16 / bfloat16);
     superchunks (128-wide k ranges per block) is a tuning knob, 0 = the kernel's choice.
@@ -46,6 +48,20 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _features(index: int) -> str:
+    with torch.cuda.device(index):
+        return torch.ops.lords.cuda_features()
+
+
+def fused_gemm_ready(device: torch.device) -> bool:
+    """Can the fused wgmma GEMM (path 4) run on this device: built with sm_90a code, compute capability 9.0."""
+    if not (available() and device.type == "cuda"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "fused_gemm_ready=1" in _features(index)
 
 
 def supports(op: str, t: torch.Tensor, M: int) -> bool:

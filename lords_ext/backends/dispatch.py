@@ -58,6 +58,7 @@ M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between. GPUs before sm_8
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -87,6 +88,39 @@ def forced() -> str | None:
     return value
 
 
+# The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton and the
+# CUDA dequantize + cuBLAS path: 16 < M <= 128, 32 < r <= 64, K a multiple of 128, and N large enough that its
+# 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs). The CUDA op's automatic path
+# applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100, session 10, `python -m
+# bench.dequant_paths` (bench/h100/dequant_paths_session10_*.json), us, fused / Triton / dequantize + cuBLAS:
+#     14336x4096 r=49   M=32: 64.3 / 79.1 / 117.9   M=64: 60.0 / 101.1 / 117.3   M=128: 77.2 / 149.6 / 118.7
+# Where the kernel needs split-K it loses to one of the two (4096x14336 r=49 M=64: 103.9 / 90.7 / 116.3;
+# 4096x4096 r=32 M=64: 29.8 / 27.6 / 27.7), and from M = 256 on dequantize + cuBLAS wins.
+FUSED_M = (17, 128)
+FUSED_RANK = (33, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_at(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_at(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None) -> bool:
+    if device.type != "cuda" or N is None or rank is None:
+        return False
+    if not (FUSED_M[0] <= M <= FUSED_M[1] and FUSED_RANK[0] <= rank <= FUSED_RANK[1]):
+        return False
+    if K is not None and K % CUDA_K_MULTIPLE:
+        return False
+    from . import cuda as cuda_backend
+
+    return cuda_backend.fused_gemm_ready(device) and -(-N // 128) * 5 >= 4 * _sm_count(device)
+
+
 # The CUDA kernels' fast paths (16-byte code loads, full-line stores of the dequant tiles) need K to be a
 # multiple of the 128-wide superchunk (csrc/lords_tile.cuh, vector_path_ok); other K run byte-wise paths
 # that the SASS shows to be most of the main loop, and those POLICY rows were measured with K % 128 == 0
@@ -94,9 +128,12 @@ def forced() -> str | None:
 CUDA_K_MULTIPLE = 128
 
 
-def candidates(device: torch.device, M: int, rank: int | None = None, K: int | None = None) -> tuple[str, ...]:
+def candidates(device: torch.device, M: int, rank: int | None = None, K: int | None = None,
+               N: int | None = None) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)
+    if fused_gemm_first(device, M, rank, K, N):
+        return ("cuda", "triton", "reference")
     cc = torch.cuda.get_device_capability(device)
     for min_cc, max_m, max_r, order in POLICY:
         if cc >= min_cc and (max_m is None or M <= max_m) and (max_r is None or (rank or 0) <= max_r):
@@ -111,20 +148,25 @@ def candidates(device: torch.device, M: int, rank: int | None = None, K: int | N
 _chosen: dict = {}
 
 
-def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | None = None) -> str:
+def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | None = None,
+           N: int | None = None) -> str:
     """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows, scale
-    rank `rank` and K input features (the weight's columns).
+    rank `rank`, K input features (the weight's columns) and N output features (dequant_matmul only: the
+    fused GEMM rule above).
 
-    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, LORDS_BACKEND, TRITON_INTERPRET): the
+    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, the fused GEMM rule's N test,
+    LORDS_BACKEND, TRITON_INTERPRET): the
     decision reads the GPU's properties several times, which cost ~60 us of host time per op call
     on the H100 machine (bench/host_overhead.py), as much as a small layer's kernels. Errors are
     not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
     env = os.environ
     k_full = K is None or K % CUDA_K_MULTIPLE == 0
-    key = (op, t.device, t.dtype, M, rank, k_full, env.get(ENV), env.get("TRITON_INTERPRET"))
+    big_n = N is not None and t.device.type == "cuda" and op == "dequant_matmul" and fused_gemm_first(
+        t.device, M, rank, K, N)
+    key = (op, t.device, t.dtype, M, rank, k_full, big_n, env.get(ENV), env.get("TRITON_INTERPRET"))
     name = _chosen.get(key)
     if name is None:
-        name = _choose(op, t, M, rank, K)
+        name = _choose(op, t, M, rank, K, N if op == "dequant_matmul" else None)
         if len(_chosen) > 4096:  # many distinct token counts (generation with growing batches)
             _chosen.clear()
         _chosen[key] = name
@@ -135,7 +177,7 @@ def clear_cache() -> None:
     _chosen.clear()
 
 
-def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = None) -> str:
+def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = None, N: int | None = None) -> str:
     name = forced()
     if name is not None:
         mod = get(name)
@@ -146,7 +188,7 @@ def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = 
                 f"{ENV}={name}: that backend does not support {op} for a {t.dtype} tensor on {t.device} (M={M})"
             )
         return name
-    for name in candidates(t.device, M, rank, K):
+    for name in candidates(t.device, M, rank, K, N):
         mod = get(name)
         if mod is not None and hasattr(mod, op) and mod.available() and mod.supports(op, t, M):
             return name
