@@ -6,6 +6,8 @@ Order of decisions:
 2. CPU tensors run on the reference backend (Triton only when forced and TRITON_INTERPRET=1).
 3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
    token count M that is available and supports the call; the reference backend closes every list.
+   Before POLICY, dequant_matmul takes CUDA first where its fused wgmma GEMM wins (fused_gemm_first
+   below: 16 < M <= 128, 32 < r <= 64, N filling the GPU with 128-row blocks, sm_90a build on a 9.0 GPU).
    Where K (the weight's input features) is not a multiple of 128, Triton goes before CUDA
    (CUDA_K_MULTIPLE below).
 
@@ -207,6 +209,15 @@ def describe(device: torch.device | None = None) -> str:
         for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096):
             lines.append(f"  dequant_matmul r={r:<3d} M={M:<5d} -> {choose('dequant_matmul', probe, M, r)}")
     lines.append(f"  (K a multiple of {CUDA_K_MULTIPLE}; otherwise Triton before CUDA)")
+    if device.type == "cuda":
+        from . import cuda as cuda_backend
+
+        if cuda_backend.fused_gemm_ready(device):
+            n_min = -(-4 * _sm_count(device) // 5) * 128
+            lines.append(f"  fused wgmma GEMM (CUDA) first for {FUSED_M[0]} <= M <= {FUSED_M[1]}, "
+                         f"{FUSED_RANK[0]} <= r <= {FUSED_RANK[1]}, N >= {n_min}")
+        else:
+            lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
     if forced():
         lines.append(f"(forced by {ENV}={forced()})")
     return "\n".join(lines)
