@@ -52,6 +52,8 @@ def _capability(index: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _features(index: int) -> str:
+    if not hasattr(torch.ops.lords, "cuda_features"):  # an extension built before session 9
+        return ""
     with torch.cuda.device(index):
         return torch.ops.lords.cuda_features()
 
