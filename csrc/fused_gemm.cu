@@ -4,13 +4,14 @@
 // (33.5 MB for a 4096x4096 layer): it can never be faster than cuBLAS on a dense W, and at M = 64..256
 // the dequantize pass alone costs about what cuBLAS does (bench/cuda_notes.md, session 6). Here the
 // weights never leave registers:
-//   1. per 16x16 weight tile and warp, the scale tile S = B[16 rows, r] @ A[r, 16 k] on mma.sync and
-//      W = codebook[Q] * S in fp32, packed to 16 bits: exactly the decode kernel's weight fragment
-//      (lords_tile.cuh), whose register layout is the A-operand layout of wgmma's register form;
+//   1. per 16x16 weight tile and warp, the scale tile S = B[16 rows, r] @ A[r, 16 k] (at 4 bits one
+//      wgmma m64n16k16 per 16 ranks for the warpgroup's 64 rows, at 2 and 3 bits mma.sync) and
+//      W = codebook[Q] * S in fp32, packed to 16 bits: the decode kernel's weight fragment (lords_tile.cuh),
+//      whose register layout is the A-operand layout of wgmma's register form;
 //   2. y^T[64 rows, NTOK tokens] += W[64, 16] @ x^T[16, NTOK] as one wgmma.mma_async per warpgroup and
 //      k-tile (m64nNTOKk16, A from registers, x from shared memory), asynchronous, so the warps build the
 //      next k-tile's weights while the tensor cores run this one.
-// x and A reach shared memory with cp.async, x in wgmma's K-major canonical layout. At 4 bits in the natural
+// x and A reach shared memory with cp.async, x in wgmma's K-major layout with the 128-byte swizzle. At 4 bits in the natural
 // k order (16-byte copies; each lane's codes are exchanged within its row's four lanes after the 16-byte
 // load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
 // pair of k).
@@ -23,8 +24,9 @@
 // last-block reduction of the decode kernels would read a 128 x 256 x splits tile through one SM.
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4} (r <= 16, 32, 64) x token
-// tiles NTOK {64, 128, 256}. The host takes this path only where the sm_90a image runs (wgmma_ready),
-// K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64.
+// tiles NTOK {64, 128, 256; 256 only up to r = 32}. The host takes this path only where the sm_90a image runs
+// (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64; path -1 only
+// where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, session 10).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"
