@@ -28,40 +28,23 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t saddr, uint32_t lbo, uint
 """
 
 
-def one(ctype: str, ptx: str, n: int) -> str:
+def one(ctype: str, ptx: str, n: int, trans_b: bool = False) -> str:
+    """WgmmaRS: B K-major, always accumulate. WgmmaRSTransB (trans_b): B MN-major (imm-trans-b = 1) and a
+    run-time scale-d, the scale tile of csrc/fused_gemm.cu."""
     nd = n // 2  # fp32 accumulators per thread: 64 x n over 128 threads
     dlist = ", ".join(f"%{i}" for i in range(nd))
     alist = ", ".join(f"%{nd + i}" for i in range(4))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    name, extra, scale = ("WgmmaRSTransB", ", int accumulate", "accumulate") if trans_b else ("WgmmaRS", "", "1")
     return f"""template <>
-struct WgmmaRS<{ctype}, {n}> {{
-  static __device__ __forceinline__ void run(float (&d)[{nd}], const uint32_t (&a)[4], uint64_t desc_b) {{
+struct {name}<{ctype}, {n}> {{
+  static __device__ __forceinline__ void run(float (&d)[{nd}], const uint32_t (&a)[4], uint64_t desc_b{extra}) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{{{dlist}}}, {{{alist}}}, %{nd + 4}, p, 1, 1, 0;\\n}}\\n"
+        "{{{dlist}}}, {{{alist}}}, %{nd + 4}, p, 1, 1, {int(trans_b)};\\n}}\\n"
         : {outs}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-  }}
-}};
-"""
-
-
-def one_tb(ctype: str, ptx: str, n: int) -> str:
-    """B MN-major (imm-trans-b = 1) and a run-time scale-d: the scale tile of csrc/fused_gemm.cu."""
-    nd = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(nd))
-    alist = ", ".join(f"%{nd + i}" for i in range(4))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
-    return f"""template <>
-struct WgmmaRSTransB<{ctype}, {n}> {{
-  static __device__ __forceinline__ void run(float (&d)[{nd}], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {{
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{{{dlist}}}, {{{alist}}}, %{nd + 4}, p, 1, 1, 1;\\n}}\\n"
-        : {outs}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"({scale}));
   }}
 }};
 """
@@ -83,7 +66,7 @@ def main() -> None:
     parts.append("// B MN-major (transposed), scale-d from `accumulate` (0: D = A B, else D += A B).\n"
                  "template <typename T, int N>\nstruct WgmmaRSTransB;\n\n")
     for ctype, ptx in TYPES.items():
-        parts.append(one_tb(ctype, ptx, 16) + "\n")
+        parts.append(one(ctype, ptx, 16, trans_b=True) + "\n")
     parts.append("}  // namespace lords\n")
     Path(__file__).with_name("wgmma_rs.cuh").write_text("".join(parts))
 
