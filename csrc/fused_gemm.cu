@@ -190,13 +190,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // lords_tile.cuh permutation otherwise (4-byte copies; a lane's 2- or 3-bit codes of one k-tile are not
   // a byte of the 16-byte load there).
   constexpr bool NAT = BITS == 4;
-  // Scale tile at 4 bits: one wgmma m64n16k16 per 16 ranks, B rows from registers, A read by the tensor cores
-  // from its slot; it queues with the products instead of behind them. On mma.sync (2 and 3 bits here) the
+  // The scale tile at 4 bits (NAT): one wgmma m64n16k16 per 16 ranks, B rows from registers, A read by the
+  // tensor cores from its slot; it queues with the products instead of behind them. On mma.sync (2, 3 bits) the
   // scale mmas of a k-tile waited for the warpgroup's wgmmas in flight (ncu: "math" stalls on them; waiting
   // on two wgmmas instead of one changed nothing), and every warp read the same A fragments with ldmatrix.
   // H100, session 10, bench.dequant_paths: 14336x4096 r = 49, 64 tokens 65.4 -> 60.0 us, 1024 tokens 564 -> 487;
   // 4096x4096 r = 32, 1024 tokens 90.5 -> 83.9.
-  constexpr bool SWG = NAT;
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -228,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto fill = [&](int sc) {
     if (sc < nsc) {
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-      if constexpr (SWG) {
+      if constexpr (NAT) {
         copy_A_mn<T, RT>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
         copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
       } else {
@@ -271,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sc + 1 < nsc) load_codes(nxt, sc + 1);
 
     const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-    if constexpr (SWG) {
+    if constexpr (NAT) {
       // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
       // look-ups need no scale and go before the wait.
       float sacc[2][8];
@@ -439,13 +438,12 @@ bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const vo
   return r >= 1 && r <= kFusedMaxRank && vector_path_ok(K, ptrs, 3) && wgmma_ready();
 }
 
-DecodePlan fused_gemm_plan_with_splits(long N, long K, int M, int r, int want) {
+DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
   const long row_blocks = (N + kRows - 1) / kRows;
   const long k_super = K / kSuper;
   long splits = std::max<long>(1, min_l(min_l(k_super, want), kFusedMaxSplits));
   const long sc_per = (k_super + splits - 1) / splits;
   splits = (k_super + sc_per - 1) / sc_per;  // no empty split (9 superchunks, 4 wanted: 3 of 3)
-  (void)M, (void)r;
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), row_blocks};
 }
 
@@ -461,7 +459,7 @@ DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
     const long cost = ((tiles * s + sms - 1) / std::max(1, sms)) * (sc + 1);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }
-  return fused_gemm_plan_with_splits(N, K, M, r, (int)best);
+  return fused_gemm_plan_with_splits(N, K, (int)best);
 }
 
 void fused_gemm(const DecodeArgs& a, cudaStream_t stream) {

@@ -75,7 +75,7 @@ constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
 int fused_token_tile(int M, int r);  // tokens per block: 64, 128 or 256 (128 at most above r = 32)
 DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms);
-DecodePlan fused_gemm_plan_with_splits(long N, long K, int M, int r, int splits);
+DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, cudaStream_t stream);
 // Where path -1 takes it (where it fits): 16 < M <= 128, 32 < r <= 64, and N large enough that the 128-row
 // blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); the Python dispatch applies the same rule

@@ -283,7 +283,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                     : reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                               : decode_plan(N, K, r, sms);
   if (splits > 0)
-    plan = gemm      ? fused_gemm_plan_with_splits(N, K, (int)M, r, (int)splits)
+    plan = gemm      ? fused_gemm_plan_with_splits(N, K, (int)splits)
            : reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits, wg)
                      : decode_plan_with_splits(N, K, r, (int)splits);
   auto y = at::empty({M, N}, x.options());
