@@ -156,19 +156,18 @@ def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | N
     rank `rank`, K input features (the weight's columns) and N output features (dequant_matmul only: the
     fused GEMM rule above).
 
-    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, the fused GEMM rule's N test,
-    LORDS_BACKEND, TRITON_INTERPRET): the
+    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, N for dequant_matmul, LORDS_BACKEND,
+    TRITON_INTERPRET): the
     decision reads the GPU's properties several times, which cost ~60 us of host time per op call
     on the H100 machine (bench/host_overhead.py), as much as a small layer's kernels. Errors are
     not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
     env = os.environ
     k_full = K is None or K % CUDA_K_MULTIPLE == 0
-    big_n = N is not None and t.device.type == "cuda" and op == "dequant_matmul" and fused_gemm_first(
-        t.device, M, rank, K, N)
-    key = (op, t.device, t.dtype, M, rank, k_full, big_n, env.get(ENV), env.get("TRITON_INTERPRET"))
+    n = N if op == "dequant_matmul" else None  # only the fused GEMM rule reads N
+    key = (op, t.device, t.dtype, M, rank, k_full, n, env.get(ENV), env.get("TRITON_INTERPRET"))
     name = _chosen.get(key)
     if name is None:
-        name = _choose(op, t, M, rank, K, N if op == "dequant_matmul" else None)
+        name = _choose(op, t, M, rank, K, n)
         if len(_chosen) > 4096:  # many distinct token counts (generation with growing batches)
             _chosen.clear()
         _chosen[key] = name
