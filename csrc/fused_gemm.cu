@@ -11,12 +11,14 @@
 //   2. y^T[64 rows, NTOK tokens] += W[64, 16] @ x^T[16, NTOK] as one wgmma.mma_async per warpgroup and
 //      k-tile (m64nNTOKk16, A from registers, x from shared memory), asynchronous, so the warps build the
 //      next k-tile's weights while the tensor cores run this one.
-// x and A reach shared memory with cp.async, x in wgmma's K-major layout with the 128-byte swizzle. At 4 bits in the natural
+// x and A reach shared memory with cp.async, x in wgmma's K-major layout with the 128-byte swizzle; at 4 bits
+// (up to 128 tokens) a producer warpgroup copies them and mbarriers hand the ring's slots to and from the two
+// consumer warpgroups, at 2 and 3 bits every thread copies and a block barrier per superchunk orders the ring. At 4 bits in the natural
 // k order (16-byte copies; each lane's codes are exchanged within its row's four lanes after the 16-byte
 // load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
 // pair of k).
 //
-// Work split: a block is two warpgroups (128 weight rows) x NTOK tokens (64, 128, 256) x one K range.
+// Work split: a block is two consumer warpgroups (128 weight rows) x NTOK tokens (64, 128, 256) x one K range.
 // Split-K partials are reduced through distributed shared memory: the splits of a tile form one thread
 // block cluster, every block parks its fp32 partial tile in its own (then idle) shared memory, and after a
 // cluster barrier block c adds the tokens c, c + splits, ... of all the partials in a fixed order
@@ -38,8 +40,18 @@
 namespace lords {
 namespace {
 
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kRows = 128;     // weight rows per block: 16 per warp
+constexpr int kThreads = 256;  // the two consumer warpgroups
+constexpr int kRows = 128;     // weight rows per block: 16 per consumer warp
+// At 4 bits a third warpgroup (the producer) fills the ring; at 2 and 3 bits the consumers copy their 4-byte
+// pieces themselves. One producer warp was too few: its copies landed late (the consumers spent ~30 % of their
+// stall samples waiting for data; 14336x4096, 64 tokens 59 -> 71 us; ncu, H100). With twelve warps, three
+// share a scheduler's 16 K registers: at most 168 per thread, so at 256 tokens (193-197 registers with eight
+// warps) the consumers copy too.
+constexpr int kProducers = 128;
+__host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return bits == 4 && ntok <= 128; }
+__host__ __device__ constexpr int block_threads(int bits, int ntok) {
+  return kThreads + (warp_specialized(bits, ntok) ? kProducers : 0);
+}
 
 // x slot of one superchunk: wgmma's K-major layout with the 128-byte swizzle, two panels of 64 k (k-tiles
 // 0-3, 4-7), each NTOK token rows of 128 bytes, 16-byte chunk j of token m's row at chunk j ^ (m % 8). The
@@ -85,25 +97,27 @@ __device__ __forceinline__ uint64_t x_desc(uint32_t xslot, int s) {
   return smem_desc(xslot + (s / 4) * NTOK * 128 + (s % 4) * 32, 16, 1024) | (1ull << 62);
 }
 
-// The natural k order (4 bits, see natural_quads in lords_tile.cuh): 16-byte chunk c of a token row (k
-// 8c .. 8c + 7) is chunk c of the swizzled row. Thread i copies chunk i % 16 of tokens i / 16 + 16 j: a warp
-// reads 2 x 256 contiguous bytes and its 16-byte shared stores fill four 128-byte wavefronts.
-template <typename T, int NTOK>
+// The natural k order (4 bits, see natural_quads in lords_tile.cuh): 16-byte chunk c of a token row (k 8c ..
+// 8c + 7) is chunk c of the swizzled row. Thread tid of NT copies chunk tid % 16 of tokens tid / 16 + (NT / 16) j:
+// a warp instruction reads two 256-byte token rows and its shared stores fill four 128-byte wavefronts. The
+// swizzle of token m depends on m % 8, so four destination offsets repeat every 4 NT / 16 tokens.
+template <typename T, int NTOK, int NT>
 __device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
-                                               long kbase) {
+                                               long kbase, int tid) {
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
-  constexpr int kStep = kThreads / 16;
-  static_assert(kStep % 8 == 0, "x_chunk_offset is linear in steps of 8 tokens");
-  const int c = threadIdx.x % 16, j0 = threadIdx.x / 16;
-  const uint32_t dst = xslot + x_chunk_offset<NTOK>(c, j0);
+  constexpr int kStep = NT / 16;
+  static_assert((4 * kStep) % 8 == 0 && NTOK % kStep == 0, "x_chunk_offset is linear in steps of 8 tokens");
+  const int c = tid % 16, j0 = tid / 16;
+  uint32_t dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[i] = xslot + x_chunk_offset<NTOK>(c, j0 + kStep * i);
   const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
-  const long step = (long)kStep * K;
-  const int left = M - tok0 - j0;
+  const int left = M - tok0 - j0;  // tokens of this thread's column that exist
 #pragma unroll
   for (int it = 0; it < NTOK / kStep; ++it) {
     const bool ok = it * kStep < left;
-    cp_async16(dst + it * kStep * 128, ok ? src : x16, ok ? 16 : 0);
-    src += step;
+    cp_async16(dst[it % 4] + (it / 4) * 4 * kStep * 128, ok ? src : x16, ok ? 16 : 0);
+    src += (long)kStep * K;
   }
 }
 
@@ -134,22 +148,23 @@ __device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict
 // ranks, N = positions), core matrices of 8 ranks x 8 positions (16 bytes per rank, 128 contiguous bytes), core
 // (rank group jg, 8-position chunk c) at jg * 2048 + c * 128: the descriptor's leading-dimension offset is the
 // step along K (2048), the stride-dimension offset the step along N (128); the other reading gave wrong
-// results on the H100. Lane l copies rank 8 jg + l % 8, chunk 4 (warp % 4)
-// + (l / 8) % 4: the eight ranks of a warp's stores lie in distinct banks (a chunk-major lane order put the
-// 16 chunks of one rank in one bank group).
+// results on the H100. Thread tid copies rank 8 jg + tid % 8, chunk 4 cb
+// + (tid / 8) % 4: the eight ranks of a store phase lie in distinct banks (a chunk-major lane order put the 16 chunks
+// of one rank in one bank group).
 static_assert(a_slot_bytes(1) >= 4096, "the MN-major A layout (4096 bytes per 16 ranks) fits the A slot");
-template <typename T, int RT>
-__device__ __forceinline__ void copy_A_mn(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase) {
-  static_assert(kThreads == 256, "two rank groups per pass");
+template <typename T, int RT, int NT>
+__device__ __forceinline__ void copy_A_mn(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase, int tid) {
+  constexpr int kWarps = NT / 32;
+  static_assert((8 * RT) % kWarps == 0, "whole (rank group, chunk quarter) units per warp");
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
-  const int j8 = threadIdx.x % 8, c = 4 * ((threadIdx.x / 32) % 4) + (threadIdx.x / 8) % 4, jg0 = threadIdx.x / 128;
-  const uint32_t dst = slot + jg0 * 2048 + c * 128 + j8 * 16;
-  const uint16_t* src = a16 + (long)(8 * jg0 + j8) * K + kbase + 8 * c;
+  const int j8 = tid % 8, cq = (tid / 8) % 4, w = tid / 32;  // chunk 4 cb + cq of rank 8 jg + j8
+  const uint32_t dst = slot + cq * 128 + j8 * 16;
+  const uint16_t* src = a16 + (long)j8 * K + kbase + 8 * cq;
 #pragma unroll
-  for (int it = 0; it < RT; ++it) {
-    const bool ok = 8 * (jg0 + 2 * it) + j8 < r;
-    cp_async16(dst + it * 4096, ok ? src : a16, ok ? 16 : 0);
-    src += 16 * K;
+  for (int i = 0; i < 8 * RT / kWarps; ++i) {
+    const int u = w + i * kWarps, jg = u / 4, cb = u % 4;
+    const bool ok = 8 * jg + j8 < r;
+    cp_async16(dst + jg * 2048 + cb * 512, ok ? src + (long)jg * 8 * K + 32 * cb : a16, ok ? 16 : 0);
   }
 }
 __device__ __forceinline__ uint64_t a_mn_desc(uint32_t aslot, int s, int c) {
@@ -176,10 +191,31 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
                : "r"(addr));
   return v;
 }
+
+// mbarriers of the 4-bit ring (CTA scope): `full` completes a phase when the producer's copies of a superchunk
+// have landed, `empty` when all consumer warps are done reading the slot.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The consumer warpgroups alone (the producers are elsewhere): named barrier 1.
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 #endif
 
 template <typename T, int BITS, int RT, int NTOK>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                       const void* __restrict__ bias, int bias_kind, T* __restrict__ y, int M, long N, long K, int r,
@@ -196,11 +232,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   // on two wgmmas instead of one changed nothing), and every warp read the same A fragments with ldmatrix.
   // H100, session 10, bench.dequant_paths: 14336x4096 r = 49, 64 tokens 65.4 -> 60.0 us, 1024 tokens 564 -> 487;
   // 4096x4096 r = 32, 1024 tokens 90.5 -> 83.9.
+  //
+  // The ring at 4 bits (WS): a producer warpgroup copies superchunks into free slots and two mbarriers per slot
+  // hand them over (full: landed, empty: read), so a warpgroup waits only for its own data. The first
+  // version had every thread copy and a block barrier per superchunk: at 1024 tokens 38 % of the main loop's
+  // stall samples were that barrier (one warpgroup waiting for the other) and 36 % of the instructions the
+  // copies (ncu, 4096x4096, session 10).
+  constexpr bool WS = warp_specialized(BITS, NTOK);
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
+  __shared__ uint64_t full_bar[kRing], empty_bar[kRing];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dyn));
   const uint32_t ring_s = (smem_s + (PAIRS ? (uint32_t)kPairTableBytes : 0u) + 1023u) & ~1023u;
+  const uint32_t full_s = static_cast<uint32_t>(__cvta_generic_to_shared(full_bar));
+  const uint32_t empty_s = static_cast<uint32_t>(__cvta_generic_to_shared(empty_bar));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const long block_row0 = (long)blockIdx.x * kRows;
@@ -209,155 +255,223 @@ __global__ void __launch_bounds__(kThreads, 1)
   const long k0 = (long)blockIdx.z * kc;
   const int nsc = (int)(min_l(K - k0, kc) / kSuper);  // K % 128 == 0 on this path
   const long row_bytes = K * BITS / 8;
+  const bool producer = WS && threadIdx.x >= kThreads;
 
-  auto load_codes = [&](Codes<BITS> (&c)[2], int sc) {
-    const long kf = k0 + (long)sc * kSuper + 32 * t;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const long n = row0 + g + 8 * hh;
-      if (n < N)
-        c[hh].load_fast(qw + n * row_bytes + kf * BITS / 8);
-      else
-        c[hh].clear();
+  if constexpr (WS) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kRing; ++i) {
+        mbar_init(full_s + 8 * i, kProducers);      // every producer thread, once its copies landed
+        mbar_init(empty_s + 8 * i, kThreads / 32);  // every consumer warp, after its last wgmma on the slot
+      }
     }
-  };
-  Codes<BITS> cur[2], nxt[2];
-  load_codes(nxt, 0);
+  }
+  if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
+  if (WS || PAIRS) __syncthreads();  // the barriers' initialization, lut
 
-  auto fill = [&](int sc) {
-    if (sc < nsc) {
+  if (producer) {
+    // Superchunk it goes into slot it % kRing once the consumers released that slot's previous use; each
+    // thread's cp.async.mbarrier.arrive fires on `full` when its copies have landed, so the producers never
+    // wait for data (the first version waited for its own copy groups before arriving, and had one warp).
+    const int tid = threadIdx.x - kThreads;
+    for (int it = 0; it < nsc; ++it) {
+      const int sl = it % kRing;
+      if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
+      const uint32_t slot = ring_s + sl * slot_bytes(RT, NTOK);
+      const long kb = k0 + (long)it * kSuper;
+      copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
+      copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
+    }
+    cp_async_wait<0>();
+  } else {
+    auto load_codes = [&](Codes<BITS> (&c)[2], int sc) {
+      const long kf = k0 + (long)sc * kSuper + 32 * t;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = row0 + g + 8 * hh;
+        if (n < N)
+          c[hh].load_fast(qw + n * row_bytes + kf * BITS / 8);
+        else
+          c[hh].clear();
+      }
+    };
+    // Superchunks of codes in flight per warp. At 64 tokens a superchunk is shorter than the DRAM latency:
+    // with one ahead, the code exchange of the next superchunk waited on its loads (ncu, 14336x4096, 64
+    // tokens: long-scoreboard stalls on natural_quads, session 10).
+    constexpr int kCodeDepth = NTOK <= 128 ? 2 : 1;
+    Codes<BITS> ahead_codes[kCodeDepth][2];
+#pragma unroll
+    for (int d = 0; d < kCodeDepth; ++d) {
+      if (d < nsc)
+        load_codes(ahead_codes[d], d);
+      else
+        ahead_codes[d][0].clear(), ahead_codes[d][1].clear();
+    }
+
+    // Without producers every consumer thread copies its share of a superchunk, kAhead ahead.
+    auto fill = [&](int sc) {
+      if (sc < nsc) {
+        const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+        const long kb = k0 + (long)sc * kSuper;
+        if constexpr (NAT) {
+          copy_A_mn<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb, threadIdx.x);
+          copy_x_natural<T, NTOK, kThreads>(slot, x, M, tok0, K, kb, threadIdx.x);
+        } else {
+          copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb);
+          copy_x_async<T, NTOK>(slot, x, M, tok0, K, kb);
+        }
+      }
+      cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
+    };
+    if constexpr (!WS) {
+#pragma unroll
+      for (int sc = 0; sc < kAhead; ++sc) fill(sc);
+    }
+
+    uint32_t bf[RT][4];
+    load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
+    if constexpr (PAIRS) {
+      build_pair_table(smem_dyn, lut, threadIdx.x, kThreads);
+      if constexpr (WS)
+        consumer_sync();
+      else
+        __syncthreads();
+    }
+    [[maybe_unused]] const uint32_t lane8 = 8u * lane;
+    [[maybe_unused]] const uint32_t a_lane = a_frag_lane_offset(lane);
+
+    float acc[NTOK / 2];
+#pragma unroll
+    for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
+
+    // Codes kCodeDepth superchunks ahead, in registers: the superchunk loop is unrolled by kCodeDepth so every
+    // index into ahead_codes is a constant.
+    auto superchunk = [&](int sc, int d) {
+      if constexpr (WS) {
+        // cp.async wrote the slot through the generic proxy, the tensor cores read it through the async one:
+        // the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
+        mbar_wait(full_s + 8 * (sc % kRing), (sc / kRing) & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      } else {
+        // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
+        // through the generic proxy and the tensor cores read it through the async one, hence the fence.
+        cp_async_wait<kAhead - 1>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        fill(sc + kAhead);
+      }
+      Codes<BITS> cur[2] = {ahead_codes[d][0], ahead_codes[d][1]};
+      if constexpr (NAT) {  // here, kCodeDepth superchunks after the load was issued: its data is in
+        natural_quads(cur[0].w, t);
+        natural_quads(cur[1].w, t);
+      }
+      if (sc + kCodeDepth < nsc) load_codes(ahead_codes[d], sc + kCodeDepth);
+
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
       if constexpr (NAT) {
-        copy_A_mn<T, RT>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
-        copy_x_natural<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
-      } else {
-        copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, k0 + (long)sc * kSuper);
-        copy_x_async<T, NTOK>(slot, x, M, tok0, K, k0 + (long)sc * kSuper);
+        // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
+        // look-ups need no scale and go before the wait.
+        float sacc[2][8];
+        auto issue_scale = [&](int s) {
+#pragma unroll
+          for (int c = 0; c < RT; ++c)
+            WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc(slot + x_slot_bytes(NTOK), s, c), c);
+          wgmma_commit();
+        };
+        wgmma_fence();
+        issue_scale(0);
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          float lv[8];
+          if constexpr (PAIRS)
+            lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+          else
+            lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+          if (s == 0) {
+            wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
+            // so this warp is done with the previous superchunk's slot.
+            if (WS && sc > 0 && lane == 0) mbar_arrive(empty_s + 8 * ((sc - 1) % kRing));
+          } else {
+            wgmma_wait<1>();
+          }
+          // sacc was written behind the compiler's back: no read of it may move above the wait.
+#pragma unroll
+          for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sacc[s % 2][i])::"memory");
+          uint32_t wf[4];
+          pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
+                          reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
+          wgmma_fence();
+          if (s + 1 < 8) issue_scale(s + 1);
+          WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
+          wgmma_commit();
+        }
+        return;
       }
-    }
-    cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
-  };
-#pragma unroll
-  for (int sc = 0; sc < kAhead; ++sc) fill(sc);
-
-  if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
-  uint32_t bf[RT][4];
-  load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
-  if constexpr (PAIRS) {
-    __syncthreads();  // lut
-    build_pair_table(smem_dyn, lut);
-  }
-  [[maybe_unused]] const uint32_t lane8 = 8u * lane;
-  const uint32_t a_lane = a_frag_lane_offset(lane);
-
-  float acc[NTOK / 2];
-#pragma unroll
-  for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
-
-  for (int sc = 0; sc < nsc; ++sc) {
-    // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
-    // through the generic proxy and the tensor cores read it through the async one, hence the fence.
-    cp_async_wait<kAhead - 1>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    fill(sc + kAhead);
-    cur[0] = nxt[0];
-    cur[1] = nxt[1];
-    if constexpr (NAT) {  // here, a superchunk after the load was issued: its data is in
-      natural_quads(cur[0].w, t);
-      natural_quads(cur[1].w, t);
-    }
-    if (sc + 1 < nsc) load_codes(nxt, sc + 1);
-
-    const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
-    if constexpr (NAT) {
-      // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
-      // look-ups need no scale and go before the wait.
-      float sacc[2][8];
-      auto issue_scale = [&](int s) {
+      // 2 and 3 bits: scale mmas on mma.sync, those of k-tile s + 1 written before the wgmma of k-tile s (ptxas
+      // still places them after it: they reuse the registers of the wgmma operands in flight).
+      float sa[2][4], sb[2][4];
+      auto scale = [&](int s) {
+        uint4 af[RT];
 #pragma unroll
         for (int c = 0; c < RT; ++c)
-          WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc(slot + x_slot_bytes(NTOK), s, c), c);
-        wgmma_commit();
+          af[c] = ldsm_x4_trans(slot + x_slot_bytes(NTOK) + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
+        scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
       };
-      wgmma_fence();
-      issue_scale(0);
+      scale(0);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        float lv[8];
-        if constexpr (PAIRS)
-          lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
-        else
-          lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
-        if (s == 0)
-          wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
-        else
-          wgmma_wait<1>();
-        // sacc was written behind the compiler's back: no read of it may move above the wait.
-#pragma unroll
-        for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sacc[s % 2][i])::"memory");
         uint32_t wf[4];
-        pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
-                        reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
+        if constexpr (PAIRS)
+          apply_code_pairs<T>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], smem_s, lane8, s);
+        else
+          apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
+        if (s + 1 < 8) scale(s + 1);
         wgmma_fence();
-        if (s + 1 < 8) issue_scale(s + 1);
         WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
         wgmma_commit();
+        wgmma_wait<1>();
       }
-      continue;
-    }
-    // 2 and 3 bits: scale mmas on mma.sync, those of k-tile s + 1 written before the wgmma of k-tile s (ptxas
-    // still places them after it: they reuse the registers of the wgmma operands in flight).
-    float sa[2][4], sb[2][4];
-    auto scale = [&](int s) {
-      uint4 af[RT];
-#pragma unroll
-      for (int c = 0; c < RT; ++c)
-        af[c] = ldsm_x4_trans(slot + x_slot_bytes(NTOK) + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
-      scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
     };
-    scale(0);
+    for (int base = 0; base < nsc; base += kCodeDepth) {
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      uint32_t wf[4];
-      if constexpr (PAIRS)
-        apply_code_pairs<T>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], smem_s, lane8, s);
-      else
-        apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
-      if (s + 1 < 8) scale(s + 1);
-      wgmma_fence();
-      WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(slot, s));
-      wgmma_commit();
-      wgmma_wait<1>();
+      for (int d = 0; d < kCodeDepth; ++d)
+        if (base + d < nsc) superchunk(base + d, d);
     }
-  }
-  wgmma_wait<0>();
-  // The accumulators were written behind the compiler's back: no read of them may move above the wait.
+    wgmma_wait<0>();
+    // The accumulators were written behind the compiler's back: no read of them may move above the wait.
 #pragma unroll
-  for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the ring: it becomes the partial tile
+    for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+    // Every consumer warp is done with the ring (and at 4 bits the producers' copies have all landed: a
+    // superchunk is handed over only then): it becomes the partial tile.
+    if constexpr (WS) {
+      consumer_sync();
+    } else {
+      cp_async_wait<0>();
+      __syncthreads();
+    }
 
-  // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
-  float* part = reinterpret_cast<float*>(smem_dyn);
+    // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
+    float* part = reinterpret_cast<float*>(smem_dyn);
 #pragma unroll
-  for (int j = 0; j < NTOK / 8; ++j)
+    for (int j = 0; j < NTOK / 8; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      part[(8 * j + 2 * t + (i % 2)) * kPartStride + warp * 16 + g + 8 * (i / 2)] = acc[4 * j + i];
+      for (int i = 0; i < 4; ++i)
+        part[(8 * j + 2 * t + (i % 2)) * kPartStride + warp * 16 + g + 8 * (i / 2)] = acc[4 * j + i];
+  }
   cluster_sync();  // every block of the cluster has parked its partial tile
 
-  // Block `rank` of the cluster writes tokens rank, rank + splits, ...: lane l takes rows 4l .. 4l + 3.
+  // Block `rank` of the cluster writes tokens rank, rank + splits, ...: lane l of consumer warp w takes rows
+  // 4l .. 4l + 3.
   const uint32_t splits = gridDim.z, rank = cluster_rank();
   const long n = block_row0 + 4 * lane;
   float bv[4] = {0.f, 0.f, 0.f, 0.f};
-  if (bias != nullptr)
+  if (bias != nullptr && !producer)
 #pragma unroll
     for (int e = 0; e < 4; ++e) bv[e] = n + e < N ? load_scalar(bias, bias_kind, n + e) : 0.f;
   const uint32_t part_s = smem_s + 4u * lane * 4u;
-  for (int tl = rank + splits * warp; tl < NTOK; tl += splits * (kThreads / 32)) {
+  for (int tl = rank + splits * warp; tl < NTOK && !producer; tl += splits * (kThreads / 32)) {
     const int m = tok0 + tl;
     if (m >= M) break;
     float4 v = make_float4(bv[0], bv[1], bv[2], bv[3]);
@@ -390,7 +504,7 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)((a.N + kRows - 1) / kRows), (unsigned)((a.M + NTOK - 1) / NTOK), (unsigned)a.splits);
-  cfg.blockDim = dim3(kThreads);
+  cfg.blockDim = dim3(block_threads(BITS, NTOK));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];

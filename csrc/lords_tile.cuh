@@ -430,8 +430,10 @@ __device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint3
 }
 
 // The pair table of weight_frag_pairs (64 KB) from the 16 levels in shared memory.
-__device__ __forceinline__ void build_pair_table(uint4* table, const float* lut) {
-  for (int w = threadIdx.x; w < 256 * 16; w += blockDim.x) {  // entry w / 16, lanes 2 * (w % 16) and +1
+// Threads tid = 0 .. nthreads - 1 (by default the whole block) share the work.
+__device__ __forceinline__ void build_pair_table(uint4* table, const float* lut, int tid = -1, int nthreads = -1) {
+  if (tid < 0) tid = threadIdx.x, nthreads = blockDim.x;
+  for (int w = tid; w < 256 * 16; w += nthreads) {  // entry w / 16, lanes 2 * (w % 16) and +1
     const int p = w / 16;
     const uint32_t lo = __float_as_uint(lut[p & 15]), hi = __float_as_uint(lut[p >> 4]);
     table[w] = make_uint4(lo, hi, lo, hi);
