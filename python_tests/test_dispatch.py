@@ -54,6 +54,22 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == (first == "cuda" and M > 16)
 
 
+@pytest.mark.parametrize("M,r,K,N,fused", [
+    (128, 49, 14336, 4096, True),    # 32 tiles of 128 x 128 in one wave, split-K fills it
+    (256, 49, 14336, 4096, True),
+    (96, 64, 14336, 4096, True),
+    (64, 49, 14336, 4096, False),    # at 64 tokens split-K loses to Triton
+    (256, 49, 4096, 14336, False),   # 224 tiles: two waves
+    (256, 49, 4096, 1024, False),    # 16 tiles: even 4 splits leave most SMs idle
+    (257, 49, 14336, 4096, False),
+    (256, 32, 14336, 4096, False),
+])
+def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
+    assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
+    if fused:
+        assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == "cuda"
+
+
 def test_fused_gemm_rule_needs_the_kernel(hopper, monkeypatch):
     from lords_ext.backends import cuda as cuda_backend
 

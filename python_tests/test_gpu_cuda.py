@@ -235,8 +235,20 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
     assert rel(y, y1.float()) < TOL
 
 
+def fused_rule(M, N, r, sms):
+    """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
+    if not (16 < M <= 256 and 32 < r <= 64):
+        return False
+    row_blocks = -(-N // 128)
+    if M <= 128 and row_blocks * 5 >= 4 * sms:
+        return True
+    tiles = row_blocks * -(-M // 128)
+    return M > 64 and tiles <= sms and tiles * 8 >= sms
+
+
 @pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, False),
-                                          (48, 14336, 32, False), (200, 14336, 49, False)])
+                                          (48, 14336, 32, False), (200, 14336, 49, False), (96, 4096, 49, True),
+                                          (200, 4096, 64, True), (200, 1024, 49, False)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
     dequantize + cuBLAS elsewhere (bit-identical to path 1); the Python dispatch applies the same rule."""
@@ -247,7 +259,9 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=3)
     y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    expect = fused and -(-N // 128) * 5 >= 4 * sms
+    expect = fused_rule(M, N, r, sms)
+    if sms == 132:  # the H100 the fourth column was written for
+        assert expect == fused
     assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4 if expect else 1))
     assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
     assert rel(y_auto, ref_matmul(x, qweight, B, A, cb, bias)) < TOL

@@ -7,7 +7,8 @@ Order of decisions:
 3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
    token count M that is available and supports the call; the reference backend closes every list.
    Before POLICY, dequant_matmul takes CUDA first where its fused wgmma GEMM wins (fused_gemm_first
-   below: 16 < M <= 128, 32 < r <= 64, N filling the GPU with 128-row blocks, sm_90a build on a 9.0 GPU).
+   below: 32 < r <= 64 with 16 < M <= 128 and N filling the GPU with 128-row blocks, or 64 < M <= 256 and
+   its tiles in one wave; sm_90a build on a 9.0 GPU).
    Where K (the weight's input features) is not a multiple of 128, Triton goes before CUDA
    (CUDA_K_MULTIPLE below).
 
@@ -91,15 +92,19 @@ def forced() -> str | None:
 
 
 # The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton and the
-# CUDA dequantize + cuBLAS path: 16 < M <= 128, 32 < r <= 64, K a multiple of 128, and N large enough that its
-# 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs). The CUDA op's automatic path
-# applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100, session 10, `python -m
-# bench.dequant_paths` (bench/h100/dequant_paths_session10_*.json), us, fused / Triton / dequantize + cuBLAS:
-#     14336x4096 r=49   M=32: 64.3 / 79.1 / 117.9   M=64: 60.0 / 101.1 / 117.3   M=128: 77.2 / 149.6 / 118.7
-# Where the kernel needs split-K it loses to one of the two (4096x14336 r=49 M=64: 103.9 / 90.7 / 116.3;
-# 4096x4096 r=32 M=64: 29.8 / 27.6 / 27.7), and from M = 256 on dequantize + cuBLAS wins.
-FUSED_M = (17, 128)
+# CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 16 < M <= 128 where N is large
+# enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs), and for 64 < M <= 256
+# where its 128 x 128 tiles fit one wave and split-K fills at least half of it. The CUDA op's automatic path
+# applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100, session 11, `python -m
+# bench.dequant_paths` (bench/h100/dequant_paths_session11_final.json), us, fused / Triton / dequantize + cuBLAS:
+#     14336x4096 r=49   M=32: 57.0 / 79.6 / 117.7   M=64: 57.8 / 102.5 / 117.2   M=128: 60.3 / 149.8 / 118.3
+#     4096x14336 r=49   M=128: 107.1 / 154.7 / 118.9   M=256: 105.9 / 170.1 / 130.1
+# Where the kernel needs split-K at few tokens it loses to Triton (4096x14336 r=49 M=64: 101.0 / 91.0 / 116.0),
+# at r = 32 to dequantize + cuBLAS (4096x4096 M=128: 32.6 / 37.9 / 31.7), and in two waves as well (14336x4096
+# r=49 M=256: 159.6 / 160.7 / 124.7).
+FUSED_M = (17, 256)
 FUSED_RANK = (33, 64)
+FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,7 +125,13 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
         return False
     from . import cuda as cuda_backend
 
-    return cuda_backend.fused_gemm_ready(device) and -(-N // 128) * 5 >= 4 * _sm_count(device)
+    if not cuda_backend.fused_gemm_ready(device):
+        return False
+    sms, row_blocks = _sm_count(device), -(-N // 128)
+    if M <= 128 and row_blocks * 5 >= 4 * sms:
+        return True
+    tiles = row_blocks * -(-M // 128)
+    return M > 64 and tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
 # The CUDA kernels' fast paths (16-byte code loads, full-line stores of the dequant tiles) need K to be a
