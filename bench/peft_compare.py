@@ -43,6 +43,7 @@ import re
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -196,15 +197,36 @@ def load_pack(path: str):
     return model_from_tensors(tensors, meta)
 
 
-def load_packaged(cal_tokens: int, eval_tokens: int):
-    """The whole packaged SmolLM2 (30 blocks) and the wiki token ids, from lords_ext.data."""
+def stdlib_split() -> tuple[str, str]:
+    """A second corpus, a domain shift from Wikipedia: the Python standard library's own modules (top-level
+    and package .py files, tests and site-packages left out), sorted by path, even files for training and odd
+    ones for evaluation. Its text depends on the Python version (recorded in the results)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not ({"test", "tests", "site-packages", "idle_test", "__pycache__"} & set(p.relative_to(root).parts)))
+    if not files:
+        raise RuntimeError(f"--corpus pystdlib: no .py files under {root}")
+    texts = [f"# file: {p.relative_to(root)}\n" + p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return "\n\n".join(texts[0::2]), "\n\n".join(texts[1::2])
+
+
+def load_packaged(cal_tokens: int, eval_tokens: int, corpus: str = "wiki"):
+    """The whole packaged SmolLM2 (30 blocks) and the token ids of the corpus: the wiki articles of
+    lords_ext.data, or the Python standard library's source (stdlib_split)."""
     from lords_ext import data
     model, tok = data.load_smollm2(dtype=torch.float32)  # fp32 already; GGUF models refuse .float()
-    cal_a, ev_a = data.wiki_split()
-    cal = data.tokenize_text(tok, data.join_articles(cal_a), cal_tokens)
-    ev = data.tokenize_text(tok, data.join_articles(ev_a), eval_tokens)
+    if corpus == "pystdlib":
+        cal_text, ev_text = stdlib_split()
+    else:
+        cal_a, ev_a = data.wiki_split()
+        cal_text, ev_text = data.join_articles(cal_a), data.join_articles(ev_a)
+    cal = data.tokenize_text(tok, cal_text, cal_tokens)
+    ev = data.tokenize_text(tok, ev_text, eval_tokens)
     return model.eval(), cal, ev, {"blocks": "all 30", "source": data.SMOLLM2_GGUF, "encoding": "exact",
-                                           "tokens": "", "ref_eval_loss": None, "ref_eval_tokens": 0}
+                                           "tokens": "", "ref_eval_loss": None, "ref_eval_tokens": 0,
+                                           "corpus": corpus if corpus != "pystdlib" else f"pystdlib (Python {sys.version.split()[0]})"}
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -602,6 +624,8 @@ def main(argv=None):
     ap.add_argument("--pack-block", type=int, default=192, help="min/max block of the pack's re-encoding")
     ap.add_argument("--pack-embed-bits", type=int, default=4, help="bits of the pack's re-encoded embedding rows")
     ap.add_argument("--pack", metavar="PATH", help="read the model and tokens from this pack instead of lords_ext.data")
+    ap.add_argument("--corpus", choices=("wiki", "pystdlib"), default="wiki",
+                    help="training / evaluation text without --pack: the wiki articles or the Python stdlib source")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--methods", nargs="+", default=["lords-peft", "qlora-eq", "qlora-r16", "lords-qat", "block-qat"])
     ap.add_argument("--steps", type=int, default=150)
@@ -646,7 +670,7 @@ def main(argv=None):
     if args.pack:
         src, cal, ev, info = load_pack(args.pack)
     else:
-        src, cal, ev, info = load_packaged(args.cal_tokens, args.eval_tokens)
+        src, cal, ev, info = load_packaged(args.cal_tokens, args.eval_tokens, args.corpus)
     ev = ev[:args.eval_tokens]
     if args.smoke_blocks:
         src.model.layers = src.model.layers[:args.smoke_blocks]

@@ -81,3 +81,22 @@ def test_peft_compare_compiled_steps(tmp_path):
     r = runs["lords-peft"]
     assert math.isfinite(r["eval_after"]) and r["eval_after"] < r["eval_before"]
     assert set(report["paired_timing"]["methods"]) >= {"lords-peft"}
+
+
+def test_stdlib_corpus_split():
+    """--corpus pystdlib: the standard library's modules, tests left out, alternate files on either side."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peft_compare
+    except ImportError as e:  # the script's own imports (transformers ...) are optional extras
+        pytest.skip(f"bench/peft_compare.py does not import here: {e}")
+    finally:
+        sys.path.pop(0)
+    train, held_out = peft_compare.stdlib_split()
+    def names(text):
+        return {line[len("# file: "):] for line in text.splitlines() if line.startswith("# file: ")}
+
+    a, b = names(train), names(held_out)
+    assert len(a) > 50 and len(b) > 50 and not (a & b)
+    assert not any(n.startswith(("test/", "test\\")) or "/tests/" in n for n in a | b)
+    assert "os.py" in a | b and len(train) > 100_000 and len(held_out) > 100_000
