@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(threads_per_block<RT>(), blocks_per_sm<RT>())
   for (int nt = 0; nt < NT; ++nt) load_B_frags<T, RT>(bf[nt], Bm, N, r, warp_row0 + nt * 16, lane);
   if constexpr (PAIRS) {
     __syncthreads();  // lut
-    build_pair_table(pair_table, lut);
+    build_pair_table(pair_table, lut, threadIdx.x, blockDim.x);
   }
   [[maybe_unused]] const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
   [[maybe_unused]] const uint32_t lane8 = 8u * lane;

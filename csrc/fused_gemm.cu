@@ -266,7 +266,8 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
     }
   }
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
-  if (WS || PAIRS) __syncthreads();  // the barriers' initialization, lut
+  // The barriers' initialization and lut; without producers the ring's first barrier orders lut.
+  if constexpr (WS) __syncthreads();
 
   if (producer) {
     // Superchunk it goes into slot it % kRing once the consumers released that slot's previous use; each
@@ -330,12 +331,11 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
 
     uint32_t bf[RT][4];
     load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
+    // The pair table fits beside the ring only up to 128 tokens, where the producers are there.
+    static_assert(!PAIRS || WS, "the pair table is built by the consumers alone");
     if constexpr (PAIRS) {
       build_pair_table(smem_dyn, lut, threadIdx.x, kThreads);
-      if constexpr (WS)
-        consumer_sync();
-      else
-        __syncthreads();
+      consumer_sync();
     }
     [[maybe_unused]] const uint32_t lane8 = 8u * lane;
     [[maybe_unused]] const uint32_t a_lane = a_frag_lane_offset(lane);

@@ -429,10 +429,9 @@ __device__ __forceinline__ void weight_frag_pairs(uint32_t (&wf)[4], const uint3
   apply_code_pairs<T>(wf, s0, s1, lo, hi, table, lane8, s);
 }
 
-// The pair table of weight_frag_pairs (64 KB) from the 16 levels in shared memory.
-// Threads tid = 0 .. nthreads - 1 (by default the whole block) share the work.
-__device__ __forceinline__ void build_pair_table(uint4* table, const float* lut, int tid = -1, int nthreads = -1) {
-  if (tid < 0) tid = threadIdx.x, nthreads = blockDim.x;
+// The pair table of weight_frag_pairs (64 KB) from the 16 levels in shared memory, by threads tid = 0 ..
+// nthreads - 1.
+__device__ __forceinline__ void build_pair_table(uint4* table, const float* lut, int tid, int nthreads) {
   for (int w = tid; w < 256 * 16; w += nthreads) {  // entry w / 16, lanes 2 * (w % 16) and +1
     const int p = w / 16;
     const uint32_t lo = __float_as_uint(lut[p & 15]), hi = __float_as_uint(lut[p >> 4]);
