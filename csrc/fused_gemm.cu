@@ -18,7 +18,7 @@
 // load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
 // pair of k).
 //
-// Work split: a block is two consumer warpgroups (128 weight rows) x NTOK tokens (64, 128, 256) x one K range.
+// Work split: a block is two consumer warpgroups (128 weight rows) x NTOK tokens (64, 128, 192, 256) x one K range.
 // Split-K partials are reduced through distributed shared memory: the splits of a tile form one thread
 // block cluster, every block parks its fp32 partial tile in its own (then idle) shared memory, and after a
 // cluster barrier block c adds the tokens c, c + splits, ... of all the partials in a fixed order
@@ -26,9 +26,10 @@
 // last-block reduction of the decode kernels would read a 128 x 256 x splits tile through one SM.
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4} (r <= 16, 32, 64) x token
-// tiles NTOK {64, 128, 256; 256 only up to r = 32}. The host takes this path only where the sm_90a image runs
-// (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64; path -1 only
-// where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, session 10).
+// tiles NTOK {64, 128, 192, 256; 192 only above r = 32, 256 only up to it}. The host takes this path only where the
+// sm_90a image runs (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64;
+// path -1 only where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, sessions
+// 10 and 11).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"
@@ -45,8 +46,8 @@ constexpr int kRows = 128;     // weight rows per block: 16 per consumer warp
 // At 4 bits a third warpgroup (the producer) fills the ring; at 2 and 3 bits the consumers copy their 4-byte
 // pieces themselves. One producer warp was too few: its copies landed late (the consumers spent ~30 % of their
 // stall samples waiting for data; 14336x4096, 64 tokens 59 -> 71 us; ncu, H100). With twelve warps, three
-// share a scheduler's 16 K registers: at most 168 per thread, so at 256 tokens (193-197 registers with eight
-// warps) the consumers copy too.
+// share a scheduler's 16 K registers: at most 168 per thread, so at 192 and 256 tokens (193-213 registers with
+// eight warps) the consumers copy too.
 constexpr int kProducers = 128;
 __host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return bits == 4 && ntok <= 128; }
 __host__ __device__ constexpr int block_threads(int bits, int ntok) {
@@ -82,11 +83,12 @@ __host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  /
 // The epilogue's fp32 partial tile [NTOK tokens][kPartStride], in the same shared memory: the stride of 132
 // floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
 constexpr int kPartStride = kRows + 4;
-static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 &&
-                  smem_bytes(2, 1, 64) >= 64 * kPartStride * 4,
+static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(2, 4, 192) >= 192 * kPartStride * 4 &&
+                  smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
 // 256 tokens take r <= 32 (RT <= 2): at RT = 4 three slots need 243 KB.
-static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 128) <= 227 * 1024 - 256,
+static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 192) <= 227 * 1024 - 256 &&
+                  smem_bytes(4, 4, 128) <= 227 * 1024 - 256,
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -531,7 +533,8 @@ Fn pick_rt(int r) {
 template <typename T, int BITS>
 Fn pick_tok(int ntok, int r) {
   if (ntok == 64) return pick_rt<T, BITS, 64>(r);
-  if (ntok == 128 || r > 32) return pick_rt<T, BITS, 128>(r);  // fused_token_tile keeps r > 32 at 128
+  if (ntok == 192) return run<T, BITS, 4, 192>;  // fused_token_tile gives 192 only above r = 32
+  if (ntok == 128 || r > 32) return pick_rt<T, BITS, 128>(r);  // fused_token_tile keeps r > 32 at 128 or 192
   return r <= 16 ? run<T, BITS, 1, 256> : run<T, BITS, 2, 256>;
 }
 template <typename T>
@@ -545,7 +548,18 @@ Fn pick_bits(int bits, int ntok, int r) {
 
 }  // namespace
 
-int fused_token_tile(int M, int r) { return M <= 64 ? 64 : M <= 128 || r > 32 ? 128 : 256; }
+// Above r = 32 (three 256-token slots do not fit) 192-token tiles where 128-token ones would take a second wave
+// and 192-token ones need fewer tiles: 14336x4096 r = 49 at M = 150 / 192 85.4 / 91.9 us against 159.7 (two
+// waves of 128-token tiles at M = 256). Where 128-token tiles fit one wave they stay: they have the producer
+// warpgroup, the 192-token tiles not (registers): 4096x14336 at M = 150 148.8 us with 192, ~107 with 128 (H100,
+// session 11, bench/h100/dequant_paths_session11_tile192.json).
+int fused_token_tile(int M, int r, long N, int sms) {
+  if (M <= 64) return 64;
+  if (M <= 128) return 128;
+  if (r <= 32) return 256;
+  const long row_blocks = (N + kRows - 1) / kRows, t128 = (M + 127) / 128, t192 = (M + 191) / 192;
+  return row_blocks * t128 > sms && t192 < t128 ? 192 : 128;
+}
 
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A) {
   const void* ptrs[] = {x, qweight, A};
@@ -564,7 +578,7 @@ DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
 DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
   // One block per SM: a launch takes ceil(blocks / SMs) waves of (superchunks per split + ~1 for the
   // prologue and the cluster reduction); the fewest such units wins, fewer splits on ties.
-  const int ntok = fused_token_tile(M, r);
+  const int ntok = fused_token_tile(M, r, N, sms);
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
   long best = 1, best_cost = -1;
@@ -576,8 +590,8 @@ DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
   return fused_gemm_plan_with_splits(N, K, (int)best);
 }
 
-void fused_gemm(const DecodeArgs& a, cudaStream_t stream) {
-  const int ntok = fused_token_tile(a.M, a.r);
+void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream) {
+  const int ntok = fused_token_tile(a.M, a.r, a.N, sms);
   Fn fn = a.dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(a.bits, ntok, a.r)
                                   : pick_bits<__half>(a.bits, ntok, a.r);
   fn(a, stream);

@@ -315,7 +315,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                plan.k_per_split,
                wg};
   if (gemm)
-    fused_gemm(a, c10::cuda::getCurrentCUDAStream());
+    fused_gemm(a, sms, c10::cuda::getCurrentCUDAStream());
   else if (reassoc)
     reassoc_gemv(a, c10::cuda::getCurrentCUDAStream());
   else

@@ -60,6 +60,8 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (96, 64, 14336, 4096, True),
     (64, 49, 14336, 4096, False),    # at 64 tokens split-K loses to Triton
     (256, 49, 4096, 14336, False),   # 224 tiles: two waves
+    (192, 49, 4096, 14336, True),    # 112 tiles of 192 tokens
+    (160, 64, 4096, 14336, True),
     (256, 49, 4096, 1024, False),    # 16 tiles: even 4 splits leave most SMs idle
     (257, 49, 14336, 4096, False),
     (256, 32, 14336, 4096, False),
@@ -68,6 +70,18 @@ def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
     if fused:
         assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == "cuda"
+
+
+@pytest.mark.parametrize("M,r,N,tile", [
+    (1, 49, 14336, 64), (64, 12, 14336, 64), (65, 12, 14336, 128), (128, 64, 14336, 128), (129, 32, 14336, 256),
+    (129, 33, 14336, 192), (192, 49, 14336, 192), (193, 49, 14336, 128), (256, 49, 14336, 128),
+    (300, 49, 14336, 192),
+    (150, 49, 4096, 128),  # 128-token tiles fit one wave: they keep the producer warpgroup
+    (400, 49, 4096, 128),  # 4 x 32 = 128 tiles of 128 tokens: one wave
+    (400, 49, 8192, 192),  # 4 x 64 would not, 3 x 64 of 192 tokens are fewer
+])
+def test_fused_token_tile(M, r, N, tile):
+    assert dispatch.fused_token_tile(M, r, N, 132) == tile
 
 
 def test_fused_gemm_rule_needs_the_kernel(hopper, monkeypatch):

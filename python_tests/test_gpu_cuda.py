@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lords_ext.backends import cuda as cuda_backend
+from lords_ext.backends import dispatch
 from lords_ext.backends import reference
 from lords_ext.formats import get_codebook, pack
 from lords_ext.quantize import parity_rank
@@ -215,6 +216,7 @@ def fused_gemm_ready() -> bool:
         (256, 4096, 4096, 32),  # 256-token tile
         (300, 777, 1024, 12),  # two token tiles (256 + 44), one rank chunk
         (129, 384, 3968, 64),  # 31 superchunks: uneven splits
+        (400, 17000, 1024, 40),  # 133 row blocks: three 192-token tiles (the last one 16 tokens) instead of four
         (1, 256, 512, 1),  # one token through the 64-token tile, r = 1
     ],
 )
@@ -242,20 +244,18 @@ def fused_rule(M, N, r, sms):
     row_blocks = -(-N // 128)
     if M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    tiles = row_blocks * -(-M // 128)
+    tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, sms))
     return M > 64 and tiles <= sms and tiles * 8 >= sms
 
 
 @pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, False),
                                           (48, 14336, 32, False), (200, 14336, 49, False), (96, 4096, 49, True),
-                                          (200, 4096, 64, True), (200, 1024, 49, False)])
+                                          (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
     dequantize + cuBLAS elsewhere (bit-identical to path 1); the Python dispatch applies the same rule."""
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
-    from lords_ext.backends import dispatch
-
     x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=3)
     y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -94,7 +94,7 @@ def forced() -> str | None:
 # The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton and the
 # CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 16 < M <= 128 where N is large
 # enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs), and for 64 < M <= 256
-# where its 128 x 128 tiles fit one wave and split-K fills at least half of it. The CUDA op's automatic path
+# where its tiles (128 rows x 128 or 192 tokens) fit one wave and split-K fills at least half of it. The CUDA op's automatic path
 # applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100, session 11, `python -m
 # bench.dequant_paths` (bench/h100/dequant_paths_session11_final.json), us, fused / Triton / dequantize + cuBLAS:
 #     14336x4096 r=49   M=32: 57.0 / 79.6 / 117.7   M=64: 57.8 / 102.5 / 117.2   M=128: 60.3 / 149.8 / 118.3
@@ -130,8 +130,20 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     sms, row_blocks = _sm_count(device), -(-N // 128)
     if M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    tiles = row_blocks * -(-M // 128)
+    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, sms))
     return M > 64 and tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
+
+
+def fused_token_tile(M: int, rank: int, N: int, sms: int) -> int:
+    """Tokens per block of the fused GEMM (csrc/fused_gemm.cu, fused_token_tile, with the measurements)."""
+    if M <= 64:
+        return 64
+    if M <= 128:
+        return 128
+    if rank <= 32:
+        return 256
+    row_blocks, t128, t192 = -(-N // 128), -(-M // 128), -(-M // 192)
+    return 192 if row_blocks * t128 > sms and t192 < t128 else 128
 
 
 # The CUDA kernels' fast paths (16-byte code loads, full-line stores of the dequant tiles) need K to be a
