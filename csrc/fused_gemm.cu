@@ -26,7 +26,7 @@
 // last-block reduction of the decode kernels would read a 128 x 256 x splits tile through one SM.
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4} (r <= 16, 32, 64) x token
-// tiles NTOK {64, 128, 192, 256; 192 only above r = 32, 256 only up to it}. The host takes this path only where the
+// tiles NTOK {16, 64, 128, 192, 256; 192 only above r = 32, 256 only up to it}. The host takes this path only where the
 // sm_90a image runs (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64;
 // path -1 only where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, sessions
 // 10 and 11).
@@ -35,6 +35,7 @@
 #include "wgmma_rs.cuh"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -84,7 +85,8 @@ __host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  /
 // floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
 constexpr int kPartStride = kRows + 4;
 static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(2, 4, 192) >= 192 * kPartStride * 4 &&
-                  smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4,
+                  smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4 &&
+                  smem_bytes(2, 1, 16) >= 16 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
 // 256 tokens take r <= 32 (RT <= 2): at RT = 4 three slots need 243 KB.
 static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 192) <= 227 * 1024 - 256 &&
@@ -498,52 +500,99 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
 #endif
 }
 
+// The launch configuration of a grid of `tiles_n` x `tiles_m` tiles, each a cluster of `splits` blocks.
+template <typename T, int BITS, int RT, int NTOK>
+struct Launch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  Launch(long tiles_n, long tiles_m, int splits, cudaStream_t stream) {
+    auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
+    constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
+    cfg.gridDim = dim3((unsigned)tiles_n, (unsigned)tiles_m, (unsigned)splits);
+    cfg.blockDim = dim3(block_threads(BITS, NTOK));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = (unsigned)splits;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+};
+
+// Clusters of `splits` blocks of this kernel that the current GPU runs at once. It is not SMs / splits: a
+// cluster's blocks share a GPC, and the H100's GPCs do not all hold a multiple of 4 of these one-per-SM
+// blocks, so the 32 clusters of 4 that 4096x14336 (r = 49, 32 row tiles, 4 splits) launches took a second wave:
+// 87.7 us at 16 tokens against 60.2 with 3 splits (96 blocks; H100, session 12, bench.dequant_paths
+// --fused-splits). Asked once per device and cluster size (cudaOccupancyMaxActiveClusters), 0 where the query
+// fails (the plan then counts SMs / splits).
+constexpr int kMaxDevices = 64;
+template <typename T, int BITS, int RT, int NTOK>
+int active_clusters(int splits) {
+  static std::atomic<int> known[kMaxDevices][kFusedMaxSplits + 1];  // value + 1; 0: not asked yet
+  int dev = 0;
+  if (splits < 1 || splits > kFusedMaxSplits || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int v = known[dev][splits].load(std::memory_order_relaxed);
+  if (v > 0) return v - 1;
+  Launch<T, BITS, RT, NTOK> l(1, 1, splits, nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, fused_gemm_kernel<T, BITS, RT, NTOK>, &l.cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0;
+  }
+  known[dev][splits].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
-  constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)((a.N + kRows - 1) / kRows), (unsigned)((a.M + NTOK - 1) / NTOK), (unsigned)a.splits);
-  cfg.blockDim = dim3(block_threads(BITS, NTOK));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = (unsigned)a.splits;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  e = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
-                         static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias, a.bias_kind,
-                         static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);
+  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream);
+  const cudaError_t e = cudaLaunchKernelEx(&l.cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                                           static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
+                                           a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm launch: ") + cudaGetErrorString(e));
 }
 
 using Fn = void (*)(const DecodeArgs&, cudaStream_t);
+using ClustersFn = int (*)(int);
+struct Entry {
+  Fn run;
+  ClustersFn clusters;
+};
+template <typename T, int BITS, int RT, int NTOK>
+constexpr Entry entry() { return Entry{run<T, BITS, RT, NTOK>, active_clusters<T, BITS, RT, NTOK>}; }
 
 template <typename T, int BITS, int NTOK>
-Fn pick_rt(int r) {
-  if (r <= 16) return run<T, BITS, 1, NTOK>;
-  if (r <= 32) return run<T, BITS, 2, NTOK>;
-  return run<T, BITS, 4, NTOK>;
+Entry pick_rt(int r) {
+  if (r <= 16) return entry<T, BITS, 1, NTOK>();
+  if (r <= 32) return entry<T, BITS, 2, NTOK>();
+  return entry<T, BITS, 4, NTOK>();
 }
 template <typename T, int BITS>
-Fn pick_tok(int ntok, int r) {
+Entry pick_tok(int ntok, int r) {
+  if (ntok == 16) return pick_rt<T, BITS, 16>(r);
   if (ntok == 64) return pick_rt<T, BITS, 64>(r);
-  if (ntok == 192) return run<T, BITS, 4, 192>;  // fused_token_tile gives 192 only above r = 32
+  if (ntok == 192) return entry<T, BITS, 4, 192>();  // fused_token_tile gives 192 only above r = 32
   if (ntok == 128 || r > 32) return pick_rt<T, BITS, 128>(r);  // fused_token_tile keeps r > 32 at 128 or 192
-  return r <= 16 ? run<T, BITS, 1, 256> : run<T, BITS, 2, 256>;
+  return r <= 16 ? entry<T, BITS, 1, 256>() : entry<T, BITS, 2, 256>();
 }
 template <typename T>
-Fn pick_bits(int bits, int ntok, int r) {
+Entry pick_bits(int bits, int ntok, int r) {
   switch (bits) {
     case 2: return pick_tok<T, 2>(ntok, r);
     case 3: return pick_tok<T, 3>(ntok, r);
     default: return pick_tok<T, 4>(ntok, r);
   }
+}
+Entry pick(DType dtype, int bits, int ntok, int r) {
+  return dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(bits, ntok, r) : pick_bits<__half>(bits, ntok, r);
 }
 
 }  // namespace
@@ -553,7 +602,10 @@ Fn pick_bits(int bits, int ntok, int r) {
 // waves of 128-token tiles at M = 256). Where 128-token tiles fit one wave they stay: they have the producer
 // warpgroup, the 192-token tiles not (registers): 4096x14336 at M = 150 148.8 us with 192, ~107 with 128 (H100,
 // session 11, bench/h100/dequant_paths_session11_tile192.json).
+// Up to 16 tokens (path 4 only: the decode range keeps its own kernels until this tile is measured faster) a
+// 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter.
 int fused_token_tile(int M, int r, long N, int sms) {
+  if (M <= 16) return 16;
   if (M <= 64) return 64;
   if (M <= 128) return 128;
   if (r <= 32) return 256;
@@ -575,16 +627,19 @@ DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
   return DecodePlan{(int)splits, (int)(sc_per * kSuper), row_blocks};
 }
 
-DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
-  // One block per SM: a launch takes ceil(blocks / SMs) waves of (superchunks per split + ~1 for the
-  // prologue and the cluster reduction); the fewest such units wins, fewer splits on ties.
+DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms) {
+  // A launch takes ceil(clusters / clusters at once) waves of (superchunks per split + ~1 for the prologue and
+  // the cluster reduction); the fewest such units wins, fewer splits on ties. A tile is one cluster.
   const int ntok = fused_token_tile(M, r, N, sms);
+  const Entry kernel = pick(dtype, bits, ntok, r);
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
   long best = 1, best_cost = -1;
   for (long s = 1; s <= min_l(k_super, kFusedAutoSplits); ++s) {
     const long sc = (k_super + s - 1) / s;
-    const long cost = ((tiles * s + sms - 1) / std::max(1, sms)) * (sc + 1);
+    const int known = s == 1 ? sms : kernel.clusters((int)s);
+    const long at_once = std::max<long>(1, known > 0 ? known : sms / s);
+    const long cost = ((tiles + at_once - 1) / at_once) * (sc + 1);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }
   return fused_gemm_plan_with_splits(N, K, (int)best);
@@ -592,9 +647,7 @@ DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms) {
 
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream) {
   const int ntok = fused_token_tile(a.M, a.r, a.N, sms);
-  Fn fn = a.dtype == DType::kBF16 ? pick_bits<__nv_bfloat16>(a.bits, ntok, a.r)
-                                  : pick_bits<__half>(a.bits, ntok, a.r);
-  fn(a, stream);
+  pick(a.dtype, a.bits, ntok, a.r).run(a, stream);
 }
 
 }  // namespace lords

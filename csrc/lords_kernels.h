@@ -72,23 +72,27 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 constexpr int kFusedMaxRank = 64;
 constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
 constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
+constexpr int kFusedMinM = 9;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
-int fused_token_tile(int M, int r, long N, int sms);  // tokens per block: 64, 128, 192 (r > 32) or 256 (r <= 32)
-DecodePlan fused_gemm_plan(long N, long K, int M, int r, int sms);
+int fused_token_tile(int M, int r, long N, int sms);  // tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32)
+DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
-// Where path -1 takes it (where it fits), 32 < r <= 64: 16 < M <= 128 where N is large enough that the 128-row
-// blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); and 64 < M <= 256 where the tiles (128 rows x
-// fused_token_tile tokens) fit one wave and split-K (at most kFusedAutoSplits) fills at least half of it. The Python dispatch
-// applies the same rule (lords_ext/backends/dispatch.py, fused_gemm_first, with the measurements). Elsewhere
-// dequantize + cuBLAS.
+// Where path -1 takes it (where it fits), 32 < r <= 64: kFusedMinM <= M <= 128 where N is large enough that the
+// 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 9 tokens on with the 16-token
+// tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
+// tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
+// fills at least half of it. The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,
+// fused_gemm_first, with the measurements). Elsewhere the decode kernels up to kDecodeMaxM, then dequantize +
+// cuBLAS.
 inline bool fused_gemm_preferred(int M, long N, int r, int sms) {
-  if (M <= kDecodeMaxM || M > 256 || r <= 32 || r > kFusedMaxRank) return false;
+  if (M < kFusedMinM || M > 256 || r <= 32 || r > kFusedMaxRank) return false;
   const long row_blocks = (N + 127) / 128;
   if (M <= 128 && row_blocks * 5 >= 4L * sms) return true;
+  if (M <= kDecodeMaxM) return false;
   const int ntok = fused_token_tile(M, r, N, sms);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
-  return M > 64 && tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;
+  return tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;
 }
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.

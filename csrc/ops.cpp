@@ -11,7 +11,7 @@
 //     variant where the sm_90a image runs), 3: the re-associated kernel on mma.sync only (for A/B timing),
 //     4: the fused wgmma GEMM (fused_gemm.cu; sm_90a image on a 9.0 GPU, r <= 64, K % 128 == 0, 16-byte
 //     aligned x, qweight and A). Automatic takes path 4 where it can run and fused_gemm_preferred holds
-//     (32 < r <= 64; 16 < M <= 128 with N filling the GPU with 128-row blocks, or 64 < M <= 256 with its
+//     (32 < r <= 64; 9 <= M <= 128 with N filling the GPU with 128-row blocks, or 16 < M <= 256 with its
 //     tiles in one wave).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
@@ -254,12 +254,11 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
   const bool reassoc = path == 2 || path == 3 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
-  const bool decode = reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM);
   if (M == 0) return at::empty({0, N}, x.options());
   // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
   at::Tensor A_conv;
   bool gemm = false;
-  if (path == 4 || (path == -1 && !decode && fused_gemm_preferred((int)M, N, (int)B_in.size(1), sm_count(x.device())))) {
+  if (path == 4 || (path == -1 && !reassoc && fused_gemm_preferred((int)M, N, (int)B_in.size(1), sm_count(x.device())))) {
     A_conv = A_in.to(x.scalar_type()).contiguous();
     gemm = fused_gemm_fits(K, (int)B_in.size(1), x.data_ptr(), qweight.data_ptr(), A_conv.data_ptr());
     if (!gemm && path == 4)
@@ -268,6 +267,8 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                     B_in.size(1), ", K=", K, ", ", cuda_features_str());
     TORCH_CHECK(gemm || path != 4, t_error.c_str());
   }
+  // Where the fused GEMM was preferred but does not fit, M <= kDecodeMaxM still goes to the decode kernels.
+  const bool decode = !gemm && (reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM));
   if (!decode && !gemm) {
     auto W = dequant_impl(qweight, B_in, A_in, codebook, x.scalar_type(), bits);
     if (bias.has_value()) return at::addmm(bias->to(x.scalar_type()), x, W.t());
@@ -280,7 +281,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
   const bool wg = reassoc && reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A.data_ptr(), path != 3);
-  DecodePlan plan = gemm      ? fused_gemm_plan(N, K, (int)M, r, sms)
+  DecodePlan plan = gemm      ? fused_gemm_plan(dtype_of(x), bits, N, K, (int)M, r, sms)
                     : reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                               : decode_plan(N, K, r, sms);
   if (splits > 0)

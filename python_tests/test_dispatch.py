@@ -43,22 +43,28 @@ def fused_ready(hopper, monkeypatch):
 @pytest.mark.parametrize("M,r,K,N,first", [
     (32, 49, 4096, 14336, "cuda"),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
     (128, 64, 4096, 14336, "cuda"),
-    (64, 49, 4096, 4096, "triton"),  # it would need split-K
+    (64, 49, 4096, 1024, "triton"),  # 8 tiles: even 4 splits leave most SMs idle
     (32, 32, 4096, 14336, "triton"),  # r <= 32: not measured faster
-    (16, 49, 4096, 14336, "cuda"),   # the decode range keeps its own rows
+    (16, 49, 4096, 14336, "cuda"),   # the 16-token tile from M = 9 where N fills the GPU
+    (9, 49, 4096, 14336, "cuda"),
+    (8, 49, 4096, 14336, "cuda"),    # the decode kernels (POLICY's row, not the fused GEMM)
+    (16, 49, 14336, 4096, "cuda"),   # split-K at <= 16 tokens: the decode kernels
     (32, 49, 576, 14336, "triton"),  # K off the superchunk
     (32, 49, 4096, None, "triton"),  # N unknown
 ])
 def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == first
-    assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == (first == "cuda" and M > 16)
+    fused = first == "cuda" and (M > 16 or (M >= 9 and N == 14336))
+    assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
 
 
 @pytest.mark.parametrize("M,r,K,N,fused", [
     (128, 49, 14336, 4096, True),    # 32 tiles of 128 x 128 in one wave, split-K fills it
     (256, 49, 14336, 4096, True),
     (96, 64, 14336, 4096, True),
-    (64, 49, 14336, 4096, False),    # at 64 tokens split-K loses to Triton
+    (64, 49, 14336, 4096, True),     # 32 tiles in clusters of 3 (fused_gemm_plan counts the clusters that fit)
+    (17, 49, 14336, 4096, True),
+    (16, 49, 14336, 4096, False),    # the decode kernels up to 16 tokens where split-K is needed
     (256, 49, 4096, 14336, False),   # 224 tiles: two waves
     (192, 49, 4096, 14336, True),    # 112 tiles of 192 tokens
     (160, 64, 4096, 14336, True),
@@ -73,7 +79,7 @@ def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
 
 
 @pytest.mark.parametrize("M,r,N,tile", [
-    (1, 49, 14336, 64), (64, 12, 14336, 64), (65, 12, 14336, 128), (128, 64, 14336, 128), (129, 32, 14336, 256),
+    (1, 49, 14336, 16), (16, 49, 14336, 16), (17, 49, 14336, 64), (64, 12, 14336, 64), (65, 12, 14336, 128), (128, 64, 14336, 128), (129, 32, 14336, 256),
     (129, 33, 14336, 192), (192, 49, 14336, 192), (193, 49, 14336, 128), (256, 49, 14336, 128),
     (300, 49, 14336, 192),
     (150, 49, 4096, 128),  # 128-token tiles fit one wave: they keep the producer warpgroup

@@ -217,7 +217,8 @@ def fused_gemm_ready() -> bool:
         (300, 777, 1024, 12),  # two token tiles (256 + 44), one rank chunk
         (129, 384, 3968, 64),  # 31 superchunks: uneven splits
         (400, 17000, 1024, 40),  # 133 row blocks: three 192-token tiles (the last one 16 tokens) instead of four
-        (1, 256, 512, 1),  # one token through the 64-token tile, r = 1
+        (1, 256, 512, 1),  # one token through the 16-token tile, r = 1
+        (13, 1001, 1024, 49),  # 16-token tile, four rank chunks
     ],
 )
 def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
@@ -239,21 +240,26 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
 
 def fused_rule(M, N, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
-    if not (16 < M <= 256 and 32 < r <= 64):
+    if not (9 <= M <= 256 and 32 < r <= 64):
         return False
     row_blocks = -(-N // 128)
     if M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
+    if M <= 16:
+        return False
     tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, sms))
-    return M > 64 and tiles <= sms and tiles * 8 >= sms
+    return tiles <= sms and tiles * 8 >= sms
 
 
-@pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, False),
+@pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, True),
                                           (48, 14336, 32, False), (200, 14336, 49, False), (96, 4096, 49, True),
-                                          (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True)])
+                                          (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True),
+                                          (12, 14336, 49, True), (9, 14336, 64, True), (8, 14336, 49, False),
+                                          (16, 4096, 49, False), (64, 1024, 49, False)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
-    dequantize + cuBLAS elsewhere (bit-identical to path 1); the Python dispatch applies the same rule."""
+    elsewhere the decode kernel up to 16 tokens (path 0) and dequantize + cuBLAS above (path 1), both
+    bit-identical; the Python dispatch applies the same rule."""
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
     x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=3)
@@ -262,7 +268,8 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     expect = fused_rule(M, N, r, sms)
     if sms == 132:  # the H100 the fourth column was written for
         assert expect == fused
-    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4 if expect else 1))
+    other = 0 if M <= 16 else 1
+    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4 if expect else other))
     assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
     assert rel(y_auto, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 

@@ -102,7 +102,8 @@ def forced() -> str | None:
 # Where the kernel needs split-K at few tokens it loses to Triton (4096x14336 r=49 M=64: 101.0 / 91.0 / 116.0),
 # at r = 32 to dequantize + cuBLAS (4096x4096 M=128: 32.6 / 37.9 / 31.7), and in two waves as well (14336x4096
 # r=49 M=256: 159.6 / 160.7 / 124.7).
-FUSED_M = (17, 256)
+FUSED_M = (9, 256)
+CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
 FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
 
@@ -130,12 +131,16 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     sms, row_blocks = _sm_count(device), -(-N // 128)
     if M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
+    if M <= CUDA_DECODE_MAX_M:
+        return False
     tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, sms))
-    return M > 64 and tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
+    return tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
 def fused_token_tile(M: int, rank: int, N: int, sms: int) -> int:
     """Tokens per block of the fused GEMM (csrc/fused_gemm.cu, fused_token_tile, with the measurements)."""
+    if M <= 16:
+        return 16
     if M <= 64:
         return 64
     if M <= 128:
