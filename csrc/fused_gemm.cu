@@ -29,7 +29,7 @@
 // tiles NTOK {16, 64, 128, 192, 256; 192 only above r = 32, 256 only up to it}. The host takes this path only where the
 // sm_90a image runs (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64;
 // path -1 only where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, sessions
-// 10 and 11).
+// 10 to 12).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"
@@ -619,8 +619,10 @@ Entry pick(DType dtype, int bits, int ntok, int r) {
 // waves of 128-token tiles at M = 256). Where 128-token tiles fit one wave they stay: they have the producer
 // warpgroup, the 192-token tiles not (registers): 4096x14336 at M = 150 148.8 us with 192, ~107 with 128 (H100,
 // session 11, bench/h100/dequant_paths_session11_tile192.json).
-// Up to 16 tokens (path 4 only: the decode range keeps its own kernels until this tile is measured faster) a
-// 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter.
+// Up to 16 tokens a 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter. It beats
+// the decode kernels from 9 tokens where the 128-row blocks fill the GPU without split-K (14336x4096 r = 49, M = 9
+// / 16: 50.3 / 50.3 us against 55.6 / 59.9), not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
+// H100, session 12, bench/h100/dequant_paths_session12_desc.json); fused_gemm_preferred follows.
 int fused_token_tile(int M, int r, long N, int sms) {
   if (M <= 16) return 16;
   if (M <= 64) return 64;
