@@ -620,8 +620,9 @@ Entry pick(DType dtype, int bits, int ntok, int r) {
 // warpgroup, the 192-token tiles not (registers): 4096x14336 at M = 150 148.8 us with 192, ~107 with 128 (H100,
 // session 11, bench/h100/dequant_paths_session11_tile192.json).
 // Up to 16 tokens a 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter. It beats
-// the decode kernels from 9 tokens where the 128-row blocks fill the GPU without split-K (14336x4096 r = 49, M = 9
-// / 16: 50.3 / 50.3 us against 55.6 / 59.9), not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
+// the decode kernels from 6 tokens where the 128-row blocks fill the GPU without split-K (14336x4096 r = 49, M = 6
+// / 8 / 16: 50.6 / 50.6 / 50.3 us against 51.7 / 52.5 / 59.9; at M = 5 50.4 against 51.4, at 4 50.6 against 50.4),
+// not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
 // H100, session 12, bench/h100/dequant_paths_session12_desc.json); fused_gemm_preferred follows.
 int fused_token_tile(int M, int r, long N, int sms) {
   if (M <= 16) return 16;

@@ -72,14 +72,14 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 constexpr int kFusedMaxRank = 64;
 constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
 constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
-constexpr int kFusedMinM = 9;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
+constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
 int fused_token_tile(int M, int r, long N, int sms);  // tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32)
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // Where path -1 takes it (where it fits), 32 < r <= 64: kFusedMinM <= M <= 128 where N is large enough that the
-// 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 9 tokens on with the 16-token
+// 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 6 tokens on with the 16-token
 // tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
 // tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
 // fills at least half of it. The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,

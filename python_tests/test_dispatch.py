@@ -46,15 +46,15 @@ def fused_ready(hopper, monkeypatch):
     (64, 49, 4096, 1024, "triton"),  # 8 tiles: even 4 splits leave most SMs idle
     (32, 32, 4096, 14336, "triton"),  # r <= 32: not measured faster
     (16, 49, 4096, 14336, "cuda"),   # the 16-token tile from M = 9 where N fills the GPU
-    (9, 49, 4096, 14336, "cuda"),
-    (8, 49, 4096, 14336, "cuda"),    # the decode kernels (POLICY's row, not the fused GEMM)
+    (6, 49, 4096, 14336, "cuda"),
+    (5, 49, 4096, 14336, "cuda"),    # the decode kernels (POLICY's row, not the fused GEMM)
     (16, 49, 14336, 4096, "cuda"),   # split-K at <= 16 tokens: the decode kernels
     (32, 49, 576, 14336, "triton"),  # K off the superchunk
     (32, 49, 4096, None, "triton"),  # N unknown
 ])
 def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == first
-    fused = first == "cuda" and (M > 16 or (M >= 9 and N == 14336))
+    fused = first == "cuda" and (M > 16 or (M >= 6 and N == 14336))
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
 
 

@@ -240,7 +240,7 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
 
 def fused_rule(M, N, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
-    if not (9 <= M <= 256 and 32 < r <= 64):
+    if not (6 <= M <= 256 and 32 < r <= 64):
         return False
     row_blocks = -(-N // 128)
     if M <= 128 and row_blocks * 5 >= 4 * sms:
@@ -254,7 +254,7 @@ def fused_rule(M, N, r, sms):
 @pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, True),
                                           (48, 14336, 32, False), (200, 14336, 49, False), (96, 4096, 49, True),
                                           (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True),
-                                          (12, 14336, 49, True), (9, 14336, 64, True), (8, 14336, 49, False),
+                                          (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, False),
                                           (16, 4096, 49, False), (64, 1024, 49, False)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),

@@ -58,7 +58,7 @@ Session 9 gave the re-associated kernel an sm_90a wgmma variant (`bash bench/cud
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
 csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 for 16 < r <= 64, up to
 M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between, except where the fused wgmma GEMM goes first
-(below: 32 < r <= 64 on Hopper from M = 9, sessions 10-12). GPUs before sm_80 get no fused kernel.
+(below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12). GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -93,20 +93,21 @@ def forced() -> str | None:
 
 
 # The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton, the decode
-# kernels and the CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 9 <= M <= 128 where
+# kernels and the CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 6 <= M <= 128 where
 # N is large enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; 16-token
 # tiles up to M = 16), and for 16 < M <= 256 where its tiles (128 rows x 64, 128 or 192 tokens) fit one wave and
 # split-K fills at least half of it (the kernel's plan counts the clusters of its split-K blocks that fit at
 # once). The CUDA op's automatic path applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100,
 # session 12, `python -m bench.dequant_paths --no-dequant` (bench/h100/dequant_paths_session12_desc.json), us,
 # fused / Triton / dequantize + cuBLAS, and the decode kernels (op) up to M = 16:
-#     14336x4096 r=49   M=9: 50.3 / 82.2 / 115.3 (decode 55.6)   M=16: 50.3 / 77.7 / 114.8 (decode 59.9)
+#     14336x4096 r=49   M=6: 50.6 / 80.9 / 115.8 (decode 51.7)   M=9: 50.3 / 82.2 / 115.3 (decode 55.6)
+#                       M=16: 50.3 / 77.7 / 114.8 (decode 59.9)   (M=5: 50.4 against decode 51.4, not taken)
 #                       M=64: 55.2 / 101.2 / 116.7   M=128: 59.6 / 150.4 / 117.7   M=192: 87.0 / 156.8 / 120.7
 #     4096x14336 r=49   M=16: 59.0 / 73.8 / 115.1 (decode 54.0: not taken)   M=32: 63.5 / 79.8 / 115.3
 #                       M=64: 63.1 / 90.6 / 116.3   M=128: 66.9 / 152.4 / 120.0   M=256: 106.1 / 169.9 / 129.6
 # Not taken: at r = 32 dequantize + cuBLAS wins (4096x4096 M=128: 32.6 / 37.9 / 31.7, session 11), and on
 # 14336x4096 at M = 256 (224 tiles, two waves) the kernel is within 4 % of dequantize + cuBLAS (119.8 / 124.7).
-FUSED_M = (9, 256)
+FUSED_M = (6, 256)
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
 FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
