@@ -18,7 +18,7 @@
 // load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
 // pair of k).
 //
-// Work split: a block is two consumer warpgroups (128 weight rows) x NTOK tokens (64, 128, 192, 256) x one K range.
+// Work split: a block is two consumer warpgroups (128 weight rows) x NTOK tokens (16, 64, 128, 192, 256) x one K range.
 // Split-K partials are reduced through distributed shared memory: the splits of a tile form one thread
 // block cluster, every block parks its fp32 partial tile in its own (then idle) shared memory, and after a
 // cluster barrier block c adds the tokens c, c + splits, ... of all the partials in a fixed order
