@@ -10,6 +10,8 @@ parameters are fp32 (LoRA's A/B, LoRDS' B/A, QAT latent weights and scales); no 
 
 Methods (bits 4, and 3 where the method has a 3-bit form):
   lords-peft   LoRDS PTQ (block-64 parity rank, ALS refinement) then train B, A only (codes frozen).
+               --ptq-calibration-tokens N makes that PTQ (also lords-qat's) activation-aware, with layer
+               Hessians from the first N training tokens; the default 0 is the weight-only PTQ.
   qlora-eq     bitsandbytes NF4 (block 64, double quant) + peft LoRA on the same layers, per-layer rank
                = the LoRDS layer's rank, so the trainable count is exactly LoRDS-PEFT's; alpha = 2 r.
   qlora-r16    the same with the usual rank 16, alpha 32.
@@ -269,9 +271,24 @@ def frozen_to_bf16(model: nn.Module) -> None:
 
 
 class Runner:
-    def __init__(self, src: nn.Module, args, dev):
+    def __init__(self, src: nn.Module, args, dev, cal: torch.Tensor | None = None):
         self.src, self.args, self.dev = src, args, dev
+        self.cal = cal  # the training token stream (calibration for --ptq-calibration-tokens)
         self.ptq: dict[int, tuple[nn.Module, float]] = {}
+
+    def ptq_calibration(self) -> torch.Tensor | None:
+        """[n, seq_len] token windows for activation-aware LoRDS PTQ: the first --ptq-calibration-tokens
+        tokens of the training stream, cut at --seq-len (the context the model trains and is evaluated at,
+        so the activations are those it will see); None (weight-only PTQ) when the option is 0. Never the
+        evaluation stream: calibrating on it would leak the held-out text into the model evaluated."""
+        n = self.args.ptq_calibration_tokens
+        if not n:
+            return None
+        if self.cal is None or n > self.cal.numel():
+            have = 0 if self.cal is None else self.cal.numel()
+            raise ValueError(f"--ptq-calibration-tokens {n}: only {have} training tokens loaded (raise --cal-tokens)")
+        from lords_ext.calibration import calibration_windows
+        return calibration_windows(self.cal[:n], self.args.seq_len)
 
     def lords_ptq(self, bits: int):
         """LoRDS PTQ of the source model (cached per bit width, on the CPU between runs)."""
@@ -279,12 +296,13 @@ class Runner:
             from lords_ext.model import quantize_model
             m = copy.deepcopy(self.src).to(self.dev)
             cfg = LordsConfig(bits=bits, block=64, steps=self.args.ptq_steps)
+            calibration = self.ptq_calibration()
             sync(self.dev)
             t0 = time.perf_counter()
             # quantize.py builds one small tensor on the default device (the CPU) while quantizing on the
             # GPU; making the GPU the default device for the call avoids the device mismatch.
             with torch.device(self.dev):
-                quantize_model(m, cfg, device=self.dev, progress=False)
+                quantize_model(m, cfg, calibration=calibration, device=self.dev, progress=False)
             sync(self.dev)
             self.ptq[bits] = (m.to("cpu"), time.perf_counter() - t0)
         m, secs = self.ptq[bits]
@@ -295,12 +313,17 @@ class Runner:
         from lords_ext.peft import prepare_for_peft
         from lords_ext.qat import LordsQATLinear, param_groups, prepare_for_qat
         info = {}
+        if method.startswith("lords"):  # both LoRDS methods start from the same PTQ
+            info["ptq"] = (f"activation-aware ({self.args.ptq_calibration_tokens} training tokens)"
+                           if self.args.ptq_calibration_tokens else "weight-only")
         if method == "lords-peft":
-            m, info["quantize_s"] = self.lords_ptq(bits)
+            m, info["quantize_s"] = self.lords_ptq(bits)  # quantize_s includes the Hessian collection
+            info["ptq_calibration_s"] = m.lords_report.calibration_seconds
             prepare_for_peft(m, scales_dtype=torch.float32)
             groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
         elif method == "lords-qat":
             m, info["quantize_s"] = self.lords_ptq(bits)
+            info["ptq_calibration_s"] = m.lords_report.calibration_seconds
             m.requires_grad_(False)
             for name, layer in [(n, x) for n, x in m.named_modules() if isinstance(x, LordsLinear)]:
                 W = self.src.get_submodule(name).weight.detach().to(self.dev, torch.float32)
@@ -637,6 +660,9 @@ def main(argv=None):
     ap.add_argument("--lr-weights", type=float, nargs="+", default=[1e-5], help="QAT latent-weight learning rates")
     ap.add_argument("--ptq-steps", type=int, default=25, help="ALS refinement steps of the LoRDS PTQ")
     ap.add_argument("--cal-tokens", type=int, default=320_000)
+    ap.add_argument("--ptq-calibration-tokens", type=int, default=0,
+                    help="activation-aware LoRDS PTQ (lords-peft, lords-qat): layer Hessians from the first N "
+                         "training tokens (never the eval text) in --seq-len windows; 0 = weight-only PTQ")
     ap.add_argument("--eval-tokens", type=int, default=32_768)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -710,7 +736,7 @@ def main(argv=None):
     log(f"data: {windows.shape[0]} training windows of {args.seq_len} tokens, {args.steps} steps x batch {args.batch} "
         f"({need * args.seq_len} tokens, {need / windows.shape[0]:.2f} epochs); eval {ev.numel()} held-out tokens")
 
-    runner = Runner(src, args, dev)
+    runner = Runner(src, args, dev, cal)
     with torch.no_grad():
         base = copy.deepcopy(src).to(dev).to(FROZEN_DTYPE)
         report["float_eval_loss"] = eval_loss(base, ev, args.seq_len, args.eval_batch)
@@ -739,6 +765,7 @@ def main(argv=None):
             with torch.no_grad():
                 row["eval_before"] = eval_loss(model, ev, args.seq_len, args.eval_batch)
             times, losses, peak, prof = train(model, groups, batches, args, dev)
+            row["train_s"] = sum(times)
             if prof is not None:
                 row["profile"] = prof
             if method.endswith("qat"):
