@@ -340,7 +340,8 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
         return codes, cb[codes.long()]
 
     codes, C = assign(B, A, cb)
-    norm = (Wf @ H * Wf).sum() if H is not None else Wf.square().sum()
+    w_norm = Wf.square().sum()  # the weight-only loss's normalizer; `norm` is the objective's
+    norm = (Wf @ H * Wf).sum() if H is not None else w_norm
     init_loss = float(_loss(Wf, C, B, A, H) / norm)
     best = (init_loss, codes, B, A, cb)
     history = [init_loss]
@@ -365,7 +366,6 @@ def quantize_weight(W: torch.Tensor, cfg: LordsConfig | None = None, hessian: to
                 break
         return best
 
-    w_norm = Wf.square().sum()
     if cfg.steps and H is not None and cfg.optimizer != "adam":
         # ALS has no closed form under H. Adam alone from the block-scale start reached a higher output error
         # than the weight-only ALS on 5 of 9 SmolLM2 layers (bench/cpu/ptq_hessian_check.py, session 12), so

@@ -1,6 +1,7 @@
 """Session 12 diagnostic: per layer, does the activation-aware LoRDS PTQ (quantize_weight with a
 Hessian) reach a lower output error trace(E H E^T) than the weight-only PTQ, as it is meant to?
-Same settings as peft_compare.py's PTQ (4-bit, block 64, parity rank, 25 refinement steps); H from the
+Same settings as peft_compare.py's PTQ (4-bit, block 64, parity rank, steps=25: with H, 25 weight-only ALS steps
+then 25 Adam steps under H since the session-12 fix); H from the
 first 64 windows of 128 tokens of the pystdlib training stream (the same stream --ptq-calibration-tokens
 draws from). Prints, per layer, the relative output error (H undamped) and the relative weight error."""
 import os
@@ -23,7 +24,7 @@ t0 = time.time()
 Hs = collect_hessians(src, calibration_windows(cal[:64 * 128], 128), names, progress=False)
 print(f"hessians of {len(names)} layers from 8192 training tokens: {time.time() - t0:.0f} s")
 cfg = LordsConfig(bits=4, block=64, steps=25)
-print("| layer | output err weight-only | output err H-aware (25 steps) | H-aware 100 steps | weight err weight-only | H-aware |")
+print("| layer | output err weight-only | output err H-aware (steps=25) | H-aware (steps=100) | weight err weight-only | H-aware |")
 print("|---|---|---|---|---|---|")
 for n in names:
     W = src.get_submodule(n).weight.detach().float()
