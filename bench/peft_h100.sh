@@ -12,6 +12,8 @@
 #                                     # both methods, + step profiles (compile time on the H100 host not yet known)
 #   bash bench/peft_h100.sh graphs    # the same under torch.compile(mode="reduce-overhead"): CUDA graphs
 #   bash bench/peft_h100.sh graphs100 # CUDA-graph steps, 100 steps, seed 1, + QLoRA rank 16
+#   bash bench/peft_h100.sh calib0    # 4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3 and 3e-3, seed 0
+#   bash bench/peft_h100.sh calib1    # the same with seed 1
 # JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
 # a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
@@ -73,5 +75,12 @@ case "${1:-profile}" in
     pc peft4_graphs100 --bits 4 --methods lords-peft qlora-eq qlora-r16 --lr-peft 1e-3 --steps 100 --seed 1 --compile reduce-overhead \
       --budget-s "${LORDS_PEFT_BUDGET_S:-480}"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100)"; exit 2 ;;
+  calib0|calib1)
+    # 4 bits with the activation-aware LoRDS PTQ (ALS first, then Adam under the layer Hessians of the
+    # first 65,536 training tokens) against QLoRA at equal trainable numbers, both at lr 1e-3 and 3e-3
+    seed="${1#calib}"
+    pc "peft4_calib_seed$seed" --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 3e-3 --steps 100 --seed "$seed" \
+      --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1)"; exit 2 ;;
 esac
