@@ -14,6 +14,7 @@
 #   bash bench/peft_h100.sh graphs100 # CUDA-graph steps, 100 steps, seed 1, + QLoRA rank 16
 #   bash bench/peft_h100.sh calib0    # 4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3 and 3e-3, seed 0
 #   bash bench/peft_h100.sh calib1    # the same with seed 1
+#   bash bench/peft_h100.sh calib3    # 3 bits, activation-aware LoRDS PTQ vs nflora-eq (QLoRA's recipe), seed 0
 # JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
 # a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
@@ -82,5 +83,10 @@ case "${1:-profile}" in
     pc "peft4_calib_seed$seed" --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 3e-3 --steps 100 --seed "$seed" \
       --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1)"; exit 2 ;;
+  calib3)
+    # 3 bits with the activation-aware LoRDS PTQ against QLoRA's recipe at 3 bits (nflora-eq), seed 0, lr 3e-3
+    pc peft3_calib_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 0 \
+      --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1 | calib3)"; exit 2 ;;
 esac
