@@ -75,3 +75,23 @@ def test_configs_with_pre_hooks_always_go_through_the_autotuner():
     for _ in range(2):
         _tuning.run_tuned(t, lambda m: (1,), (x, x, 4, 4), {"BITS": 2})
     assert [e[0] for e in t.log] == ["tuned", "tuned"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_split_k_space_has_no_8_warp_configs_for_fp32_activations(monkeypatch, bits):
+    """Triton 3.6 miscompiled the 8-warp split-K kernel for fp32 activations (an out-of-bounds shared-memory
+    read, bench/triton_notes.md session 13): the GPU tuning space must leave those configs out, for the tuned
+    and the fixed (LORDS_TRITON_TUNE=0) path, and keep them for 16-bit activations."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU space, even if an interpreter module set it
+    b = torch.empty(1, dtype=torch.bfloat16)
+    kw = dict(BITS=bits, R_PAD=64, S_PREC="tf32", BLOCK_M=16)
+    for M in (1, 16, 200):
+        for x, allowed in ((torch.empty(1, dtype=torch.float32), {4}), (torch.empty(1, dtype=torch.bfloat16), {4, 8})):
+            named = dict(N=64, K=4092, M=M, x_ptr=x, b_ptr=b)
+            space = _tuning.with_split_k(_tuning.decode_configs(), named, **kw)
+            assert space and {c.num_warps for c in space} <= allowed
+            if 8 in allowed and M == 1:
+                assert 8 in {c.num_warps for c in space}, "bf16 keeps its 8-warp config"
+            cfg = _tuning.default_config("splitk", M, 64, 4092, block_m=256 if M == 200 else 16, bits=bits,
+                                         r_pad=64, xsz=x.element_size(), bsz=2)
+            assert cfg["num_warps"] in allowed
