@@ -313,17 +313,15 @@ class Runner:
         from lords_ext.peft import prepare_for_peft
         from lords_ext.qat import LordsQATLinear, param_groups, prepare_for_qat
         info = {}
-        if method.startswith("lords"):  # both LoRDS methods start from the same PTQ
+        if method in ("lords-peft", "lords-qat"):  # both LoRDS methods start from the same PTQ
             info["ptq"] = (f"activation-aware ({self.args.ptq_calibration_tokens} training tokens)"
                            if self.args.ptq_calibration_tokens else "weight-only")
-        if method == "lords-peft":
             m, info["quantize_s"] = self.lords_ptq(bits)  # quantize_s includes the Hessian collection
             info["ptq_calibration_s"] = m.lords_report.calibration_seconds
+        if method == "lords-peft":
             prepare_for_peft(m, scales_dtype=torch.float32)
             groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}]
         elif method == "lords-qat":
-            m, info["quantize_s"] = self.lords_ptq(bits)
-            info["ptq_calibration_s"] = m.lords_report.calibration_seconds
             m.requires_grad_(False)
             for name, layer in [(n, x) for n, x in m.named_modules() if isinstance(x, LordsLinear)]:
                 W = self.src.get_submodule(name).weight.detach().to(self.dev, torch.float32)

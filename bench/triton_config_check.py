@@ -29,16 +29,16 @@ def _layer(case, M):
     return x, q, B, A, cb
 
 
-def _configs(case, M, algo, x, B):
-    """The pruned tuning space the autotuner would time for this call."""
+def _configs(case, M, algo):
+    """The pruned tuning space the autotuner would time for this call (no kernel launched)."""
+    import torch
     import triton
     from lords_ext.backends import triton_backend as tb
     from lords_ext.backends.triton_kernels import _tuning
-    bits, r, N, K = case[0], case[4], case[5], case[6]
-    block_m = (triton.next_power_of_2(min(M, 2)) if algo == "reassoc"
-               else max(16, triton.next_power_of_2(min(M, tb.SPLITK_MAX_BLOCK_M))))
+    bits, _, xd, sd, r, N, K = case
+    x, B = (torch.empty(1, dtype=getattr(torch, DTYPES[d])) for d in (xd, sd))
     s_prec, _ = tb._precisions(x.dtype, B.dtype)
-    kw = dict(BITS=bits, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=block_m)
+    kw = dict(BITS=bits, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=tb.decode_block_m(algo, M))
     if algo == "splitk":
         kw["S_PREC"] = s_prec
     cfgs = _tuning.with_split_k(_tuning.decode_configs(), dict(N=N, K=K, M=M, x_ptr=x, b_ptr=B), **kw)
@@ -51,17 +51,12 @@ def run_child(args):
     from lords_ext.backends import triton_backend as tb
     case, M, algo, idx = args.case, args.child_m, args.algo, args.child_cfg
     x, q, B, A, cb = _layer(case, M)
-    out = {"M": M, "cfg": "auto"}
-    config = None
-    if idx >= 0:
-        config = _configs(case, M, algo, x, B)[idx]
-        out["cfg"] = config
+    config = _configs(case, M, algo)[idx] if idx >= 0 else None
+    out = {"M": M, "cfg": config or "auto"}
     y = tb.dequant_matmul(x, q, B, A, cb, None, algo=algo, config=config)
     torch.cuda.synchronize()
     ref = reference_y(x, q, B, A, cb, None)
     out["rel_err"] = float((y.float() - ref).norm() / ref.norm())
-    if idx < 0:
-        out["n_configs"] = len(_configs(case, M, algo, x, B))
     print("RESULT " + json.dumps(out))
 
 
@@ -95,11 +90,8 @@ def main():
         rows.append(res)
         print(res, flush=True)
         if "fault" in res or res.get("rel_err", 1) > 1e-2:
-            # every config on its own; the count comes from a child that does not launch a kernel
-            for idx in range(16):
+            for idx in range(len(_configs(args.case, M, args.algo))):  # every config on its own
                 r = spawn(args, M, idx)
-                if "fault" in r and "list index out of range" in r["fault"]:
-                    break
                 rows.append(r)
                 print(r, flush=True)
     bad = [r for r in rows if "fault" in r or r.get("rel_err", 0) > 1e-2]

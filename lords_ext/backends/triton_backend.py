@@ -220,6 +220,13 @@ def dequant(qweight, B, A, codebook, out_dtype=None, s_prec=None, config=None):
     return W
 
 
+def decode_block_m(algo: str, M: int) -> int:
+    """Token rows per program of the decode kernels: up to 2 for "reassoc", 16 to 256 for "splitk"."""
+    if algo == "reassoc":
+        return triton.next_power_of_2(min(M, 2))
+    return max(16, triton.next_power_of_2(min(M, SPLITK_MAX_BLOCK_M)))
+
+
 def dequant_matmul(x2d, qweight, B, A, codebook, bias=None, algo=None, config=None):
     """y = x2d @ W.T + bias, [M, N] in x2d.dtype. `algo` / `config` force a variant (benchmarks)."""
     if _needs_reference(B, A, codebook, bias):
@@ -251,11 +258,10 @@ def dequant_matmul(x2d, qweight, B, A, codebook, bias=None, algo=None, config=No
                 dict(kw, S_PREC=s_prec), "tiled", config, M, N, K,
                 xsz=x2d.element_size(), bsz=B.element_size())
         return y
+    block_m = decode_block_m(algo, M)
     if algo == "reassoc":
-        block_m = triton.next_power_of_2(min(M, 2))
         tuned, raw = decode_reassoc_tuned, decode_reassoc_kernel
     else:
-        block_m = max(16, triton.next_power_of_2(min(M, SPLITK_MAX_BLOCK_M)))
         tuned, raw = decode_splitk_tuned, decode_splitk_kernel
         kw["S_PREC"] = s_prec
     ws, cnt = _workspace(x2d.device, M, N, triton.cdiv(N, 16) * triton.cdiv(M, block_m))

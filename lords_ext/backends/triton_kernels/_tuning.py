@@ -85,25 +85,30 @@ def _fit(kind, cfg, named_args, kwargs, x_name):
     return triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=st)
 
 
+def miscompiled(kind: str, num_warps: int, xsz: int) -> bool:
+    """Configs Triton 3.6 compiles wrongly on sm_90: the 8-warp split-K kernel for fp32 activations
+    (3xTF32) read shared memory past its allocation (compute-sanitizer, 2-bit codes, r = 64, 64x4092,
+    bench/triton_config_check.py); the 4-warp configs of the same tiles are exact. fp32 activations
+    are the accuracy path, not a speed target, so both the tuned and the fixed path leave them out."""
+    return kind == "splitk" and num_warps == 8 and xsz == 4
+
+
 def with_split_k(configs, named_args, **kwargs):
     """SPLIT_K=0 in a config means: choose from the grid size (1 and 2 waves of programs)."""
     N, K, M = named_args["N"], named_args["K"], named_args["M"]
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
     out, seen = [], set()
-    x_fp32 = _esize(named_args.get("x_ptr")) == 4
+    kind = "splitk" if "S_PREC" in kwargs else "reassoc"
+    xsz = _esize(named_args.get("x_ptr"))
     for c in configs:
         if c.kwargs.get("SPLIT_K", 0) != 0:
             out.append(c)
             continue
-        if x_fp32 and c.num_warps == 8 and "S_PREC" in kwargs:
-            # Triton 3.6 on sm_90 compiled the 8-warp split-K kernel for fp32 activations (3xTF32)
-            # with a shared-memory read past its allocation: compute-sanitizer, 2-bit codes, r = 64,
-            # 64x4092 (bench/triton_config_check.py). 4-warp configs of the same tiles are correct,
-            # and fp32 activations are the accuracy path, not a speed target.
+        if miscompiled(kind, c.num_warps, xsz):
             continue
         tiles = triton.cdiv(N, c.kwargs["BLOCK_N"]) * triton.cdiv(M, block_m)
         k_tiles = triton.cdiv(K, c.kwargs["BLOCK_K"])
-        c = _fit("splitk" if "S_PREC" in kwargs else "reassoc", c, named_args, kwargs, "x_ptr")
+        c = _fit(kind, c, named_args, kwargs, "x_ptr")
         if c is None:
             continue
         for waves in (2, 4):
@@ -225,8 +230,7 @@ def default_config(kind: str, M: int, N: int, K: int, block_m: int = 16, bits: i
             kw = {"BLOCK_N": bn, "BLOCK_K": bk}
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, block_m)
         kw["SPLIT_K"] = split_for(tiles, triton.cdiv(K, bk), 2)
-        # 4 warps for fp32 activations: see with_split_k (8-warp split-K miscompiled for them)
-        warps = 8 if block_m >= 128 and not (kind == "splitk" and xsz == 4) else 4
+        warps = 8 if block_m >= 128 and not miscompiled(kind, 8, xsz) else 4
     elif kind == "tiled":
         bm = min(128, max(16, triton.next_power_of_2(M)))
         kw = {"BLOCK_N": 128, "BLOCK_M": bm, "BLOCK_K": 64, "GROUP_N": 8}
