@@ -28,11 +28,15 @@ has no 3-bit format); nflora where peft is missing.
 Model source: the packaged SmolLM2-135M GGUF (lords_ext.data.load_smollm2) where it is installed, or
 a "pack" made by `--make-pack` for a machine without it (the GPU machine: one call carries 64 MiB,
 the exact model is 96 MB). A pack keeps all 30 blocks but restricts the vocabulary to the tokens of
-the carried text and re-encodes the linear weights to 3-bit min/max per 64 (see make_pack); it
-records the eval loss of the exact and of the re-encoded model, and the run prints both.
+the carried text and re-encodes the linear weights to --pack-bits min/max per --pack-block (see
+make_pack); it records the eval loss of the exact and of the re-encoded model, and the run prints both.
+--pack-exact stores the GGUF's own Q4_1 / Q8_0 values instead (bit-exact, ~78 MB), which needs
+--pack-parts 2: two files that travel in two device calls and are read back together.
 
     python bench/peft_compare.py --make-pack .data/peft_pack.safetensors --cal-tokens 160000
     python bench/peft_compare.py --pack .data/peft_pack.safetensors --steps 150 --out results.json
+    python bench/peft_compare.py --make-pack .data/exact.safetensors --pack-exact --pack-parts 2 --cal-tokens 160000
+    python bench/peft_compare.py --pack .data/exact.part1of2.safetensors .data/exact.part2of2.safetensors
 """
 from __future__ import annotations
 
@@ -89,8 +93,103 @@ def decode_minmax(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: i
     return (q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).reshape(N, K)
 
 
+GGUF_BLOCK = 32  # Q4_1 and Q8_0: one (d[, m]) per 32 consecutive weights of a row
+
+
+def encode_q8_0(W: torch.Tensor):
+    """Q8_0 codes of a weight: (q int8 [N, K], d fp16 [N, K/32]) with w = d * q, d = fp16(max|w| / 127)
+    per block. llama.cpp's quantizer maps each block's largest |w| to q = +-127, so on weights
+    dequantized from Q8_0 this recovers the stored d and q (check with exact_q8_0)."""
+    N, K = W.shape
+    if K % GGUF_BLOCK:
+        raise ValueError(f"W: expected a multiple of {GGUF_BLOCK} columns for Q8_0, got shape {tuple(W.shape)}")
+    Wb = W.float().reshape(N, K // GGUF_BLOCK, GGUF_BLOCK)
+    d = (Wb.abs().amax(-1) / 127).to(torch.float16)
+    df = d.float().unsqueeze(-1)
+    # all-zero blocks have d = 0 and decode to 0 with any q: divide by 1 there instead of 0
+    q = (Wb / torch.where(df > 0, df, torch.ones_like(df))).round().clamp(-127, 127)
+    return q.reshape(N, K).to(torch.int8), d
+
+
+def decode_q8_0(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] = d * q, in the order (and float32 arithmetic) of gguf's dequantization."""
+    N, nb = d.shape
+    return (q.float().reshape(N, nb, -1) * d.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def _check_exact(name: str, W: torch.Tensor, R: torch.Tensor, fmt: str) -> None:
+    """Raise unless the decoded R equals W bit for bit (as float32 values), naming the blocks that differ."""
+    if torch.equal(R, W.float()):
+        return
+    N, K = W.shape
+    bad = (R != W.float()).reshape(N, K // GGUF_BLOCK, GGUF_BLOCK).any(-1)
+    err = float((R - W.float()).abs().max())
+    raise ValueError(f"{name}: expected values on the {fmt} grid (exact pack), but {int(bad.sum())} of {bad.numel()} "
+                     f"blocks of {GGUF_BLOCK} do not decode bit-exactly (max |error| {err:.3g}); is this the GGUF's "
+                     f"{fmt} tensor, dequantized to float32 unchanged?")
+
+
+def exact_q4_1(W: torch.Tensor, name: str):
+    """(codes, d, m) of a weight dequantized from Q4_1, verified to decode to W bit for bit.
+    llama.cpp's Q4_1 quantizer maps each block's min to q = 0 (so min = fp16 m exactly) and its max to
+    q = 15, so encode_minmax's d = fp16((max - min) / 15) is the stored d and the nearest codes are the
+    stored codes. Constant blocks get encode_minmax's d floor and q = 0, which decodes to m exactly; a
+    block whose span is below 15 * 1e-6 would not, and fails the check rather than passing silently."""
+    codes, d, m = encode_minmax(W, 4, GGUF_BLOCK, torch.float16)
+    _check_exact(name, W, decode_minmax(codes, d, m, 4, W.shape[1]), "Q4_1")
+    return codes, d, m
+
+
+def exact_q8_0(W: torch.Tensor, name: str):
+    """(q, d) of a weight dequantized from Q8_0, verified to decode to W bit for bit."""
+    q, d = encode_q8_0(W)
+    _check_exact(name, W, decode_q8_0(q, d), "Q8_0")
+    return q, d
+
+
+EXACT_ENCODING = "exact: linears Q4_1 (4-bit min/max per 32, fp16 d, m), embedding rows Q8_0 (int8 per 32, fp16 d)"
+PART_LIMIT_MIB = 45  # a device call carries 64 MiB, the working tree and the wheels included
+
+
+def part_paths(path: str, parts: int) -> list[str]:
+    """The files of a pack in `parts` parts: PATH itself for one, else dir/stem.partIofN.suffix
+    (.data/exact.safetensors -> .data/exact.part1of2.safetensors, .data/exact.part2of2.safetensors)."""
+    if parts < 1:
+        raise ValueError(f"--pack-parts: expected a positive number of parts, got {parts}")
+    if parts == 1:
+        return [path]
+    p = Path(path)
+    return [str(p.with_name(f"{p.stem}.part{i}of{parts}{p.suffix}")) for i in range(1, parts + 1)]
+
+
+def split_parts(tensors: dict, parts: int) -> list[dict]:
+    """Tensors into `parts` dicts of similar byte size: largest first, each to the lightest part so far
+    (the 210 linears' codes are many similar pieces, so the parts come out within a few MB)."""
+    out, sizes = [{} for _ in range(parts)], [0] * parts
+    for name in sorted(tensors, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k)):
+        i = sizes.index(min(sizes))
+        out[i][name] = tensors[name]
+        sizes[i] += tensors[name].numel() * tensors[name].element_size()
+    return out
+
+
+def save_pack(tensors: dict, meta: dict, path: str, parts: int = 1) -> list[str]:
+    """Write the pack as `parts` safetensors files (part_paths), each with the same metadata plus its
+    "part": "i/N"; returns the paths."""
+    from safetensors.torch import save_file
+    paths = part_paths(path, parts)
+    for i, (p, chunk) in enumerate(zip(paths, split_parts(tensors, parts)), 1):
+        save_file({k: t.contiguous() for k, t in chunk.items()}, p,
+                  metadata=dict(meta, part=f"{i}/{parts}") if parts > 1 else meta)
+        mib = os.path.getsize(p) / 2**20
+        if parts > 1 and mib > PART_LIMIT_MIB:
+            log(f"WARNING: {p} is {mib:.1f} MiB, above the {PART_LIMIT_MIB} MiB that fit one device call "
+                f"next to the working tree (raise --pack-parts)")
+    return paths
+
+
 def make_pack(path: str, cal_tokens: int, eval_tokens: int, ref_tokens: int, bits: int, block: int,
-              embed_bits: int = 4, embed_block: int = 32):
+              embed_bits: int = 4, embed_block: int = 32, exact: bool = False, parts: int = 1):
     """Write the pack for a machine without the packaged model, within what one device call carries.
 
     The exact source (all 30 blocks: 66 MB of Q4_1 linears + a 30 MB Q8_0 embedding) does not fit the
@@ -99,9 +198,13 @@ def make_pack(path: str, cal_tokens: int, eval_tokens: int, ref_tokens: int, bit
     tokens that occur in the carried train/eval streams (their exact Q8_0 embedding rows; the softmax
     runs over those tokens only), and (2) every linear weight is re-encoded from its Q4_1 values to
     `bits`-bit uniform min/max codes per `block` weights (fp16 d, m). The eval loss of the exact
-    model and of the re-encoded one (both on the restricted vocabulary) are recorded in the pack."""
-    from safetensors.torch import save_file
+    model and of the re-encoded one (both on the restricted vocabulary) are recorded in the pack.
+
+    exact=True keeps (1) but not (2): the linears' own Q4_1 codes and the embedding rows' own Q8_0
+    codes, each verified to decode to the loaded weights bit for bit (~78 MB: write it in parts=2
+    files, one per device call). Both recorded losses are then the same number, and that is checked."""
     from lords_ext import data
+    part_paths(path, parts)  # a bad --pack-parts fails now, not after the model has loaded
     t0 = time.time()
     model, tok = data.load_smollm2(dtype=torch.float32)  # fp32 already; GGUF models refuse .float()
     cfg = model.config
@@ -112,44 +215,64 @@ def make_pack(path: str, cal_tokens: int, eval_tokens: int, ref_tokens: int, bit
     remap = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
     remap[vocab] = torch.arange(vocab.numel())
     V = cfg.vocab_size
-    ec, ed, em = encode_minmax(model.model.embed_tokens.weight.detach()[vocab], embed_bits, embed_block)
-    common = {"embed.codes": ec, "embed.d": ed, "embed.m": em, "norm.weight": model.model.norm.weight.detach().clone(),
+    E = model.model.embed_tokens.weight.detach()[vocab].clone()
+    common = {"norm.weight": model.model.norm.weight.detach().clone(),
               "ids.cal": remap[cal].to(torch.int16 if vocab.numel() < 32768 else torch.int32),
               "ids.eval": remap[ev].to(torch.int16 if vocab.numel() < 32768 else torch.int32),
               "vocab": vocab.int()}
-    exact, packed = dict(common), dict(common)
-    exact["embed.weight"] = model.model.embed_tokens.weight.detach()[vocab].clone()
+    exact_t, packed = dict(common, **{"embed.weight": E}), dict(common)
+    if exact:
+        packed["embed.q"], packed["embed.d"] = exact_q8_0(E, "model.embed_tokens.weight (restricted rows)")
+    else:
+        packed["embed.codes"], packed["embed.d"], packed["embed.m"] = encode_minmax(E, embed_bits, embed_block)
     for i in range(cfg.num_hidden_layers):
         for hf in LINEARS:
             W = model.get_submodule(f"model.layers.{i}.{hf}").weight.detach()
-            exact[f"layers.{i}.{hf}.weight"] = W
-            c, d, m = encode_minmax(W, bits, block, torch.float8_e4m3fn)
+            exact_t[f"layers.{i}.{hf}.weight"] = W
+            c, d, m = (exact_q4_1(W, f"model.layers.{i}.{hf}.weight") if exact else
+                       encode_minmax(W, bits, block, torch.float8_e4m3fn))
             packed[f"layers.{i}.{hf}.codes"], packed[f"layers.{i}.{hf}.d"], packed[f"layers.{i}.{hf}.m"] = c, d, m
         for norm in ("input_layernorm", "post_attention_layernorm"):
             w = model.get_submodule(f"model.layers.{i}.{norm}").weight.detach().clone()
-            exact[f"layers.{i}.{norm}.weight"] = packed[f"layers.{i}.{norm}.weight"] = w
+            exact_t[f"layers.{i}.{norm}.weight"] = packed[f"layers.{i}.{norm}.weight"] = w
     config = {k: getattr(cfg, k) for k in CONFIG_KEYS if hasattr(cfg, k) and not k.endswith("token_id")}
     config["num_hidden_layers"] = cfg.num_hidden_layers
     config["vocab_size"] = int(vocab.numel())
     meta = {"config": json.dumps(config),
-            "encoding": f"linears {bits}-bit uniform min/max per {block} (fp8 d, m); embedding rows "
+            "encoding": EXACT_ENCODING if exact else
+                        f"linears {bits}-bit uniform min/max per {block} (fp8 d, m); embedding rows "
                         f"{embed_bits}-bit min/max per {embed_block} (fp16 d, m)",
-            "bits": str(bits), "block": str(block), "embed_bits": str(embed_bits),
+            "bits": "4" if exact else str(bits), "block": str(GGUF_BLOCK if exact else block),
+            "embed_bits": "8" if exact else str(embed_bits),
             "source": f"{data.SMOLLM2_GGUF} ({data.SMOLLM2_PACKAGE}); wiki: gensim test articles (lords_ext.data split)",
             "tokens": f"cal {cal.numel()}, eval {ev.numel()}, vocabulary {vocab.numel()} of {V}"}
     del model
     ref = {}
-    for name, t in (("exact", exact), ("pack", packed)):
+    for name, t in (("exact", exact_t), ("pack", packed)):
         m, _, e, _ = model_from_tensors(t, meta)
         ref[name] = eval_loss(m, e[:ref_tokens], seq_len=256, batch=4)
         del m
+    if exact and ref["exact"] != ref["pack"]:
+        raise RuntimeError(f"exact pack: eval loss of the decoded pack {ref['pack']!r} differs from the exact "
+                           f"model's {ref['exact']!r} although every weight decoded bit-exactly")
     meta["ref_eval_loss"] = repr(ref["pack"])
     meta["exact_eval_loss"] = repr(ref["exact"])
     meta["ref_eval_tokens"] = str(ref_tokens)
-    save_file(packed, path, metadata=meta)
-    log(f"pack {path}: {os.path.getsize(path) / 2**20:.1f} MiB; vocabulary {vocab.numel()} tokens; eval loss on "
+    paths = save_pack(packed, meta, path, parts)
+    files = ", ".join(f"{p} {os.path.getsize(p) / 2**20:.1f} MiB" for p in paths)
+    log(f"pack {files}; vocabulary {vocab.numel()} tokens; eval loss on "
         f"{ref_tokens} held-out tokens (restricted vocabulary, CPU fp32): exact SmolLM2 {ref['exact']:.4f}, "
-        f"re-encoded ({meta['encoding']}) {ref['pack']:.4f}; {time.time() - t0:.0f} s")
+        f"{'packed' if exact else 're-encoded'} ({meta['encoding']}) {ref['pack']:.4f}; {time.time() - t0:.0f} s")
+    return paths
+
+
+def _embedding(tensors: dict, meta: dict, H: int) -> torch.Tensor:
+    """The (restricted) embedding rows as float32, from whichever form the pack holds."""
+    if "embed.weight" in tensors:
+        return tensors["embed.weight"].float()
+    if "embed.q" in tensors:  # exact pack: Q8_0
+        return decode_q8_0(tensors["embed.q"], tensors["embed.d"])
+    return decode_minmax(tensors["embed.codes"], tensors["embed.d"], tensors["embed.m"], int(meta["embed_bits"]), H)
 
 
 def model_from_tensors(tensors: dict, meta: dict):
@@ -161,9 +284,7 @@ def model_from_tensors(tensors: dict, meta: dict):
     model = LlamaForCausalLM(LlamaConfig(**config)).float().eval()
     H = config["hidden_size"]
     bits = int(meta.get("bits", 0) or 0)
-    emb = (tensors["embed.weight"].float() if "embed.weight" in tensors else
-           decode_minmax(tensors["embed.codes"], tensors["embed.d"], tensors["embed.m"], int(meta["embed_bits"]), H))
-    state = {"model.embed_tokens.weight": emb,
+    state = {"model.embed_tokens.weight": _embedding(tensors, meta, H),
              "model.norm.weight": tensors["norm.weight"].float()}
     for i in range(L):
         for hf in LINEARS:
@@ -171,7 +292,7 @@ def model_from_tensors(tensors: dict, meta: dict):
             lin = model.get_submodule(f"model.layers.{i}.{hf}")
             if f"{key}.weight" in tensors:
                 W = tensors[f"{key}.weight"].float()
-            else:
+            else:  # min/max codes: the lossy re-encoding or the exact Q4_1 (block from d's shape)
                 W = decode_minmax(tensors[f"{key}.codes"], tensors[f"{key}.d"], tensors[f"{key}.m"], bits,
                                   lin.in_features)
             state[f"model.layers.{i}.{hf}.weight"] = W
@@ -191,12 +312,58 @@ def model_from_tensors(tensors: dict, meta: dict):
     return model, tensors["ids.cal"].long(), tensors["ids.eval"].long(), info
 
 
-def load_pack(path: str):
+def _part_of(meta: dict, path: str) -> tuple[int, int]:
+    """(i, N) of a pack file's "part": "i/N" metadata; (1, 1) for a pack written as one file."""
+    if "part" not in meta:
+        return 1, 1
+    try:
+        i, n = (int(x) for x in meta["part"].split("/"))
+    except ValueError:
+        raise ValueError(f"--pack {path}: expected metadata part 'i/N', got {meta['part']!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--pack {path}: expected metadata part 'i/N' with 1 <= i <= N, got {meta['part']!r}")
+    return i, n
+
+
+def read_pack(paths) -> tuple[dict, dict]:
+    """(tensors, metadata) of a pack given as one path or the paths of all its parts (any order).
+    The parts must carry the same metadata (config, encoding, losses: one make_pack call) and together
+    every part 1..N exactly once."""
     from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return model_from_tensors(tensors, meta)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("--pack: expected the path of the pack (or of each of its parts), got none")
+    tensors, meta0, seen = {}, None, {}
+    for path in map(str, paths):
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+            i, n = _part_of(meta, path)
+            meta.pop("part", None)
+            if meta0 is None:
+                meta0, n0, first = meta, n, path
+            elif meta != meta0 or n != n0:
+                keys = sorted(k for k in set(meta) | set(meta0) if meta.get(k) != meta0.get(k))
+                raise ValueError(f"--pack: {path} is not a part of the same pack as {first} (part of {n} vs "
+                                 f"{n0}; metadata differing in {keys or 'none'})")
+            if i in seen:
+                raise ValueError(f"--pack: part {i}/{n} given twice ({seen[i]} and {path})")
+            seen[i] = path
+            for k in f.keys():
+                if k in tensors:
+                    raise ValueError(f"--pack: tensor {k!r} in more than one part (again in {path})")
+                tensors[k] = f.get_tensor(k)
+    missing = [i for i in range(1, n0 + 1) if i not in seen]
+    if missing:
+        want = ", ".join(f"{i}/{n0}" for i in missing)
+        guess = ", ".join(re.sub(r"\.part\d+of", f".part{i}of", first) for i in missing) if ".part" in first else ""
+        raise ValueError(f"--pack: part {want} missing: the pack has {n0} parts, got {len(seen)} "
+                         f"({', '.join(seen[i] for i in sorted(seen))})" + (f"; expected also {guess}" if guess else ""))
+    return tensors, meta0
+
+
+def load_pack(paths):
+    """load_pack(path or [part paths]) -> model_from_tensors of the whole pack."""
+    return model_from_tensors(*read_pack(paths))
 
 
 def stdlib_split() -> tuple[str, str]:
@@ -644,7 +811,14 @@ def main(argv=None):
     ap.add_argument("--pack-bits", type=int, default=4, help="bits of the pack's re-encoded linear weights")
     ap.add_argument("--pack-block", type=int, default=192, help="min/max block of the pack's re-encoding")
     ap.add_argument("--pack-embed-bits", type=int, default=4, help="bits of the pack's re-encoded embedding rows")
-    ap.add_argument("--pack", metavar="PATH", help="read the model and tokens from this pack instead of lords_ext.data")
+    ap.add_argument("--pack-exact", action="store_true",
+                    help="--make-pack: store the GGUF's own Q4_1 linears and Q8_0 embedding rows, verified bit-exact "
+                         "(--pack-bits, --pack-block, --pack-embed-bits do not apply); ~78 MB, so with --pack-parts 2")
+    ap.add_argument("--pack-parts", type=int, default=1,
+                    help="--make-pack: write the pack as N files PATH-stem.partIofN.suffix of similar size (one per "
+                         "device call); --pack then takes all of them")
+    ap.add_argument("--pack", metavar="PATH", nargs="+",
+                    help="read the model and tokens from this pack (all its part files) instead of lords_ext.data")
     ap.add_argument("--corpus", choices=("wiki", "pystdlib"), default="wiki",
                     help="training / evaluation text without --pack: the wiki articles or the Python stdlib source")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
@@ -687,8 +861,10 @@ def main(argv=None):
 
     if args.make_pack:
         make_pack(args.make_pack, args.cal_tokens, args.eval_tokens, 2048, args.pack_bits, args.pack_block,
-                  args.pack_embed_bits)
+                  args.pack_embed_bits, exact=args.pack_exact, parts=args.pack_parts)
         return 0
+    if args.pack_exact or args.pack_parts != 1:
+        ap.error("--pack-exact / --pack-parts: only with --make-pack (--pack reads any pack, exact or not)")
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.pack:

@@ -15,6 +15,15 @@
 #   bash bench/peft_h100.sh calib0    # 4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3 and 3e-3, seed 0
 #   bash bench/peft_h100.sh calib1    # the same with seed 1
 #   bash bench/peft_h100.sh calib3    # 3 bits, activation-aware LoRDS PTQ vs nflora-eq (QLoRA's recipe), seed 0
+# The exact pack (--make-pack .data/exact.safetensors --pack-exact --pack-parts 2: the GGUF's own Q4_1 /
+# Q8_0 values, ~78 MB) does not fit one call, so it travels in two; the machine must stay warm between
+# them (/tmp is kept while it is held):
+#   bash bench/peft_h100.sh exact-stage  # carry .data/exact.part1of2.safetensors only: copies it to
+#                                        # /tmp/lords_exact/ and lists it (no wheels, no runs)
+#   bash bench/peft_h100.sh exact0       # carry .data/exact.part2of2.safetensors and .data/peft_whl: the calib0
+#                                        # comparison (4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3
+#                                        # and 3e-3) on the exact model, seed 0
+#   bash bench/peft_h100.sh exact1       # the same with seed 1 (part 2 already staged by exact0, or carried)
 # JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
 # a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
@@ -22,15 +31,30 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT="${OUT:-/tmp/peft_h100_out}"
 mkdir -p "$OUT"
+step="${1:-profile}"
+EXACT_DIR=/tmp/lords_exact
+EXACT_PARTS=("$EXACT_DIR/exact.part1of2.safetensors" "$EXACT_DIR/exact.part2of2.safetensors")
+# stage_exact N: copy the carried part N of the exact pack to $EXACT_DIR, out of the working tree's reach
+# (a later call's tree replaces .data/ paths it carries; /tmp stays while the machine is held)
+stage_exact() {
+  local src=".data/exact.part${1}of2.safetensors"
+  mkdir -p "$EXACT_DIR" && [ -f "$src" ] && cp "$src" "$EXACT_DIR/" && echo "staged $src"
+}
+if [ "$step" = exact-stage ]; then  # before the wheels: this call carries part 1 only
+  stage_exact 1 || { echo "exact-stage: expected .data/exact.part1of2.safetensors in the carried tree"; exit 1; }
+  ls -l "$EXACT_DIR"
+  exit 0
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .data/peft_whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 python3 -c 'import torch, triton, peft, bitsandbytes; print("torch", torch.__version__, "triton", triton.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
-# pc NAME ARGS...: one peft_compare.py run, its JSON and log in $OUT/NAME.json / NAME.log
+# pc NAME ARGS...: one peft_compare.py run on the pack files in PACK, its JSON and log in $OUT/NAME.json / NAME.log
+PACK=(.data/peft_pack.safetensors)
 pc() {
   local name="$1"; shift
-  python3 bench/peft_compare.py --pack .data/peft_pack.safetensors "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  python3 bench/peft_compare.py --pack "${PACK[@]}" "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }
-case "${1:-profile}" in
+case "$step" in
   profile)
     pc profile4 --bits 4 --methods lords-peft qlora-eq --steps 30 --profile-steps 5
     pc peft3_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 1e-3 --steps 100 --seed 0 --budget-s 330
@@ -88,5 +112,16 @@ case "${1:-profile}" in
     pc peft3_calib_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 0 \
       --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1 | calib3)"; exit 2 ;;
+  exact0|exact1)
+    # calib0/calib1 on the exact pack (the GGUF's own Q4_1 linears, Q8_0 embedding rows; restricted vocabulary)
+    seed="${1#exact}"
+    stage_exact 2 || echo "part 2 not carried: using the one staged before"
+    for f in "${EXACT_PARTS[@]}"; do
+      [ -f "$f" ] || { echo "$step: expected $f (exact-stage, then exact0 carrying part 2, on a warm machine)"; ls -l "$EXACT_DIR"; exit 1; }
+    done
+    PACK=("${EXACT_PARTS[@]}")
+    pc "peft4_exact_seed$seed" --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 3e-3 --steps 100 --seed "$seed" \
+      --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
+    ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1 | calib3 | exact-stage | exact0 | exact1)"; exit 2 ;;
 esac

@@ -147,3 +147,163 @@ def test_ptq_calibration_tokens_from_training_split(tmp_path, monkeypatch):
     assert reports[256]["runs"][0]["ptq_calibration_s"] > 0
     # activation-aware PTQ changes the quantized model, hence its loss before training
     assert reports[256]["runs"][0]["eval_before"] != reports[0]["runs"][0]["eval_before"]
+
+
+# --- the exact pack (--make-pack --pack-exact --pack-parts N) ------------------------------------
+
+def _script():
+    """bench/peft_compare.py as a module where its own imports (transformers ...) are present."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peft_compare
+    except ImportError as e:
+        pytest.skip(f"bench/peft_compare.py does not import here: {e}")
+    finally:
+        sys.path.pop(0)
+    return peft_compare
+
+
+def _q4_1_like(g: torch.Generator, N: int, K: int, constant_blocks: int = 0) -> torch.Tensor:
+    """float32 weights as gguf dequantizes Q4_1 (d * q + m, fp16 d and m, fp32 arithmetic), with
+    llama.cpp's quantizer's property that each block's min has q = 0 and its max q = 15; the first
+    `constant_blocks` blocks of row 0 have d = 0 (all equal to m)."""
+    nb = K // 32
+    d = (torch.rand(N, nb, generator=g) * 0.02 + 1e-3).half()
+    d.view(-1)[:constant_blocks] = 0
+    m = (torch.randn(N, nb, generator=g) * 0.05 - 0.15).half()
+    q = torch.randint(0, 16, (N, nb, 32), generator=g)
+    pos = torch.randperm(32, generator=g)[:2]
+    q[..., pos[0]], q[..., pos[1]] = 0, 15
+    return (q.float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).reshape(N, K)
+
+
+def _q8_0_like(g: torch.Generator, N: int, K: int, zero_blocks: int = 0) -> torch.Tensor:
+    """float32 weights as gguf dequantizes Q8_0 (d * q, fp16 d, q int8), each block's largest |q| 127."""
+    nb = K // 32
+    d = (torch.rand(N, nb, generator=g) * 0.01 + 1e-4).half()
+    q = torch.randint(-127, 128, (N, nb, 32), generator=g)
+    sign = torch.where(torch.rand(N, nb, generator=g) < 0.5, -127, 127)
+    q[..., int(torch.randint(0, 32, (1,), generator=g))] = sign
+    q.view(-1, 32)[:zero_blocks] = 0
+    return (q.float() * d.float().unsqueeze(-1)).reshape(N, K)
+
+
+def test_exact_encoders_round_trip_bit_exactly():
+    pc = _script()
+    g = torch.Generator().manual_seed(1234)
+    W = _q4_1_like(g, 48, 256, constant_blocks=3)
+    c, d, m = pc.exact_q4_1(W, "synthetic")
+    assert c.dtype == torch.uint8 and d.dtype == m.dtype == torch.float16 and d.shape == (48, 8)
+    assert torch.equal(pc.decode_minmax(c, d, m, 4, 256), W)
+    E = _q8_0_like(g, 40, 192, zero_blocks=2)
+    q, d8 = pc.exact_q8_0(E, "synthetic embedding")
+    assert q.dtype == torch.int8 and d8.dtype == torch.float16 and d8.shape == (40, 6)
+    assert torch.equal(pc.decode_q8_0(q, d8), E)
+    assert int(q.abs().max()) == 127
+
+
+def test_exact_encoders_refuse_values_off_the_grid():
+    """No silent fallback: a weight that is not on the Q4_1 / Q8_0 grid raises, naming the tensor and
+    the number of blocks that do not decode exactly."""
+    pc = _script()
+    g = torch.Generator().manual_seed(5)
+    W = _q4_1_like(g, 8, 64)
+    W[3, 40] = (W[3, 32:64].amin() + W[3, 32:64].amax()) / 2 + 1e-4  # between two levels of its block
+    with pytest.raises(ValueError, match=r"layers\.7\.mlp\.up_proj.*Q4_1.*1 of 16 blocks"):
+        pc.exact_q4_1(W, "layers.7.mlp.up_proj")
+    with pytest.raises(ValueError, match=r"embed.*Q4_1.*16 of 16 blocks"):
+        pc.exact_q4_1(torch.randn(8, 64, generator=g), "embed")
+    E = _q8_0_like(g, 4, 64)
+    E[1, 5] *= 1.0001
+    with pytest.raises(ValueError, match=r"token rows.*Q8_0.*1 of 8 blocks"):
+        pc.exact_q8_0(E, "token rows")
+
+
+def _tiny_exact_tensors(pc, g):
+    """A two-block Llama in the exact pack's tensor layout, and its metadata."""
+    H, I, L, V = 64, 96, 2, 40
+    cfg = {"vocab_size": V, "hidden_size": H, "intermediate_size": I, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": L, "tie_word_embeddings": True, "max_position_embeddings": 64}
+    shapes = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (H // 2, H), "self_attn.v_proj": (H // 2, H),
+              "self_attn.o_proj": (H, H), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    t = {"norm.weight": 1 + 0.1 * torch.randn(H, generator=g), "vocab": torch.arange(V, dtype=torch.int32),
+         "ids.cal": torch.randint(0, V, (300,), generator=g).to(torch.int16),
+         "ids.eval": torch.randint(0, V, (100,), generator=g).to(torch.int16)}
+    t["embed.q"], t["embed.d"] = pc.exact_q8_0(_q8_0_like(g, V, H), "embed")
+    for i in range(L):
+        for hf, shape in shapes.items():
+            t[f"layers.{i}.{hf}.codes"], t[f"layers.{i}.{hf}.d"], t[f"layers.{i}.{hf}.m"] = pc.exact_q4_1(
+                _q4_1_like(g, *shape), hf)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            t[f"layers.{i}.{norm}.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+    meta = {"config": json.dumps(cfg), "encoding": pc.EXACT_ENCODING, "bits": "4", "block": "32",
+            "embed_bits": "8", "exact_eval_loss": "3.5", "ref_eval_loss": "3.5", "ref_eval_tokens": "64"}
+    return t, meta
+
+
+def test_pack_in_parts_loads_back_identically(tmp_path):
+    """--pack-parts 2: two files of similar size with the same metadata plus part i/N; read back from
+    both (in either order) they give the same tensors and the same model as the unsplit tensors; a
+    missing, repeated or foreign part is an error that names it."""
+    pytest.importorskip("safetensors")
+    pc = _script()
+    g = torch.Generator().manual_seed(0)
+    t, meta = _tiny_exact_tensors(pc, g)
+    paths = pc.save_pack(t, meta, str(tmp_path / "exact.safetensors"), parts=2)
+    assert [Path(p).name for p in paths] == ["exact.part1of2.safetensors", "exact.part2of2.safetensors"]
+    sizes = [Path(p).stat().st_size for p in paths]
+    assert max(sizes) < 1.3 * min(sizes)
+
+    from safetensors import safe_open
+    for i, p in enumerate(paths, 1):
+        with safe_open(p, "pt") as f:
+            assert f.metadata() == dict(meta, part=f"{i}/2")
+    tensors, got_meta = pc.read_pack(paths[::-1])
+    assert got_meta == meta and set(tensors) == set(t)
+    assert all(torch.equal(tensors[k], t[k]) and tensors[k].dtype == t[k].dtype for k in t)
+
+    want, cal_w, ev_w, _ = pc.model_from_tensors(t, meta)
+    model, cal, ev, info = pc.load_pack(paths)
+    assert torch.equal(cal, cal_w) and torch.equal(ev, ev_w)
+    assert info["encoding"].startswith("exact:") and info["exact_eval_loss"] == info["ref_eval_loss"] == 3.5
+    sw, sg = want.state_dict(), model.state_dict()
+    assert sw.keys() == sg.keys() and all(torch.equal(sw[k], sg[k]) for k in sw)
+    assert torch.equal(model.model.embed_tokens.weight, pc.decode_q8_0(t["embed.q"], t["embed.d"]))
+
+    with pytest.raises(ValueError, match=r"part 2/2 missing.*exact\.part2of2\.safetensors"):
+        pc.load_pack(paths[:1])
+    with pytest.raises(ValueError, match=r"part 1/2 given twice"):
+        pc.read_pack([paths[0], paths[0], paths[1]])
+    other = pc.save_pack(t, dict(meta, ref_eval_loss="3.6"), str(tmp_path / "other.safetensors"), parts=2)
+    with pytest.raises(ValueError, match=r"not a part of the same pack.*ref_eval_loss"):
+        pc.read_pack([paths[0], other[1]])
+    one = pc.save_pack(t, meta, str(tmp_path / "one.safetensors"))  # one file: no part metadata, as before
+    assert one == [str(tmp_path / "one.safetensors")] and set(pc.read_pack(one[0])[0]) == set(t)
+
+
+def test_make_exact_pack_of_smollm2(tmp_path, monkeypatch):
+    """--make-pack --pack-exact --pack-parts 2 on the packaged SmolLM2 (few tokens): every linear and the
+    kept embedding rows decode to the loaded weights bit for bit, and the recorded losses are equal."""
+    pc = _peft_compare(wiki=True, peft=False)
+    from lords_ext import data as lords_data
+    loaded, real = {}, lords_data.load_smollm2
+
+    def load_spy(*a, **k):
+        loaded["model"], tok = real(*a, **k)
+        return loaded["model"], tok
+
+    monkeypatch.setattr(lords_data, "load_smollm2", load_spy)
+    paths = pc.make_pack(str(tmp_path / "exact.safetensors"), cal_tokens=1000, eval_tokens=300, ref_tokens=256,
+                         bits=4, block=192, exact=True, parts=2)
+    assert len(paths) == 2
+    tensors, meta = pc.read_pack(paths)
+    assert meta["encoding"].startswith("exact:") and meta["exact_eval_loss"] == meta["ref_eval_loss"]
+    model, cal, ev, info = pc.model_from_tensors(tensors, meta)
+    src, vocab = loaded["model"], tensors["vocab"].long()
+    assert torch.equal(model.model.embed_tokens.weight, src.model.embed_tokens.weight[vocab])
+    for i in range(src.config.num_hidden_layers):
+        for hf in pc.LINEARS:
+            name = f"model.layers.{i}.{hf}.weight"
+            assert torch.equal(model.get_parameter(name), src.get_parameter(name)), name
+    assert torch.equal(vocab[cal], lords_data.tokenize_text(
+        real(with_model=False)[1], lords_data.join_articles(lords_data.wiki_split()[0]), 1000))
