@@ -375,7 +375,7 @@ def cmd_selftest(a) -> int:
         print(f"lords selftest: lords_ext.selftest is not part of this installation ({e}); "
               "the backend self-check ships with the CUDA/Triton kernels.", file=sys.stderr)
         return 2
-    result = selftest(device=a.device) if a.device else selftest()
+    result = selftest(device=a.device, tune=a.tune) if a.device else selftest(tune=a.tune)
     return 0 if result in (None, True, 0) else 1
 
 
@@ -461,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, backends, GPU, packaged data")
     st = sub.add_parser("selftest", help="check every backend against the reference on this machine")
     st.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    st.add_argument("--tune", action="store_true",
+                    help="check the Triton configs the autotuner picks (minutes on a fresh GPU) instead of the fixed ones")
     sub.add_parser("bench", help="kernel benchmarks (bench/bench_kernels.py of a source checkout)", add_help=False)
     return ap
 

@@ -6,13 +6,20 @@ CUDA kernels' single-launch limit, M from 1 to past the decode/GEMM switch), com
 the reference computed in float32 on the same (already rounded) inputs, and prints the max abs error
 and the relative error ||out - ref|| / ||ref|| per backend, then the dispatch table for this GPU.
 
+The Triton kernels run with their fixed configs by default (LORDS_TRITON_TUNE=0 for the duration of the
+check): the autotuner would time every candidate config of every one of the ~100 GPU cases, which took
+over two minutes on an H100 (sessions 2 and 13) for a check whose point is parity. `tune=True` (`lords
+selftest --tune`) checks the configs the autotuner picks instead, as a model would run them.
+
 fp16/bf16 kernels round W to 16 bits before the product, which alone gives a relative error of a few
 1e-3; the bound below (2e-2) is loose enough for that and tight enough to catch any indexing or
 packing mistake (those give errors of order 1).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
 
@@ -107,11 +114,34 @@ def run_backend(name: str, device: torch.device, gen: torch.Generator, out=print
     return records
 
 
-def selftest(device: str | torch.device | None = None, seed: int = 0, out=print) -> bool:
-    """Run the parity check; print the per-backend summary and the dispatch table. True when all pass."""
+@contextlib.contextmanager
+def _triton_tuning(tune: bool):
+    """LORDS_TRITON_TUNE=0 inside unless `tune` (the variable is read per call); restored after."""
+    key, before = "LORDS_TRITON_TUNE", os.environ.get("LORDS_TRITON_TUNE")
+    if not tune:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def selftest(device: str | torch.device | None = None, seed: int = 0, out=print, tune: bool = False) -> bool:
+    """Run the parity check; print the per-backend summary and the dispatch table. True when all pass.
+    tune: let the Triton autotuner pick each case's config (slow on a fresh GPU) instead of the fixed ones."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with _triton_tuning(tune):
+        return _selftest(device, seed, out, tune)
+
+
+def _selftest(device: torch.device, seed: int, out, tune: bool) -> bool:
     gen = torch.Generator().manual_seed(seed)
     out(f"lords selftest on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    out("Triton configs: " + ("autotuned per case (--tune)" if tune else
+                              "fixed (LORDS_TRITON_TUNE=0 during the check; --tune checks the autotuner's picks)"))
     from .backends import cuda as cuda_backend
 
     if cuda_backend.built():  # which kernel variants this build and GPU run (the sm_90a wgmma kernel)

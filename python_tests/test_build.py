@@ -189,3 +189,26 @@ def test_selftest_runs_and_passes_here():
     assert selftest(out=lines.append) is True
     text = "\n".join(lines)
     assert "selftest: PASS" in text and "dispatch" in text
+
+
+@pytest.mark.parametrize("tune, before", [(False, None), (False, "1"), (True, None), (True, "0")])
+def test_selftest_fixes_triton_configs_unless_tune(monkeypatch, tune, before):
+    """The check runs with LORDS_TRITON_TUNE=0 (fixed configs) by default, the autotuner with tune=True, and
+    the variable is restored afterwards either way."""
+    from lords_ext.selftest import selftest
+
+    if before is None:
+        monkeypatch.delenv("LORDS_TRITON_TUNE", raising=False)
+    else:
+        monkeypatch.setenv("LORDS_TRITON_TUNE", before)
+    seen: list[str | None] = []
+    lines: list[str] = []
+
+    def out(line):
+        seen.append(os.environ.get("LORDS_TRITON_TUNE"))
+        lines.append(line)
+
+    assert selftest(device="cpu", out=out, tune=tune) is True
+    assert set(seen) == {before if tune else "0"}
+    assert os.environ.get("LORDS_TRITON_TUNE") == before
+    assert ("autotuned" in lines[1]) == tune
