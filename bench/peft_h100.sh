@@ -24,6 +24,8 @@
 #                                        # comparison (4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3
 #                                        # and 3e-3) on the exact model, seed 0
 #   bash bench/peft_h100.sh exact1       # the same with seed 1 (part 2 already staged by exact0, or carried)
+#   bash bench/peft_h100.sh exact3       # 3 bits (LoRDS-PEFT vs nflora-eq, lr 3e-3), then QLoRA rank 16 and
+#                                        # LoRDS-QAT vs block-QAT at 4 bits, seed 0 (carry part 2 as for exact0)
 # JSON and logs go to $OUT; the result tables are printed last. LORDS_PEFT_BUDGET_S (compiled: 480) lets
 # a call that builds the CUDA extension first keep within its 600 s.
 set -uo pipefail
@@ -112,16 +114,25 @@ case "$step" in
     pc peft3_calib_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 0 \
       --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
     ;;
-  exact0|exact1)
-    # calib0/calib1 on the exact pack (the GGUF's own Q4_1 linears, Q8_0 embedding rows; restricted vocabulary)
-    seed="${1#exact}"
+  exact0|exact1|exact3)
+    # on the exact pack (the GGUF's own Q4_1 linears, Q8_0 embedding rows; restricted vocabulary)
     stage_exact 2 || echo "part 2 not carried: using the one staged before"
     for f in "${EXACT_PARTS[@]}"; do
       [ -f "$f" ] || { echo "$step: expected $f (exact-stage, then exact0 carrying part 2, on a warm machine)"; ls -l "$EXACT_DIR"; exit 1; }
     done
     PACK=("${EXACT_PARTS[@]}")
-    pc "peft4_exact_seed$seed" --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 3e-3 --steps 100 --seed "$seed" \
-      --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
+    if [ "$step" = exact3 ]; then
+      # 3 bits: calib3's comparison; then QLoRA's usual rank 16 and the two QAT methods at 4 bits (seed 0)
+      pc peft3_exact_seed0 --bits 3 --methods lords-peft nflora-eq --lr-peft 3e-3 --steps 100 --seed 0 \
+        --ptq-calibration-tokens 65536 --budget-s 280
+      pc peft4_exact_r16_qat_seed0 --bits 4 --methods qlora-r16 lords-qat block-qat --lr-peft 1e-3 --steps 100 --seed 0 \
+        --ptq-calibration-tokens 65536 --budget-s 200
+    else
+      # calib0/calib1's comparison (4 bits, activation-aware LoRDS PTQ vs QLoRA-eq, lr 1e-3 and 3e-3)
+      seed="${1#exact}"
+      pc "peft4_exact_seed$seed" --bits 4 --methods lords-peft qlora-eq --lr-peft 1e-3 3e-3 --steps 100 --seed "$seed" \
+        --ptq-calibration-tokens 65536 --budget-s "${LORDS_PEFT_BUDGET_S:-420}"
+    fi
     ;;
-  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1 | calib3 | exact-stage | exact0 | exact1)"; exit 2 ;;
+  *) echo "unknown step $1 (profile | seed1 | host | host2 | paired | compiled | graphs | graphs100 | calib0 | calib1 | calib3 | exact-stage | exact0 | exact1 | exact3)"; exit 2 ;;
 esac
