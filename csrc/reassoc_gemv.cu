@@ -30,7 +30,9 @@
 // 56, 64) x {mma.sync, wgmma (WG, sm_90a)}: on mma.sync the main loop at r = 49 is bound by shared-memory
 // traffic, most of it Z fragments (one LDS.64 per column tile), so r8 = 56 runs 7 tiles rather than 8; the
 // WG variant (below) leaves Z to the tensor cores and takes 16-byte-aligned, K % 128 == 0 launches on a 9.0
-// GPU when the build has sm_90a code alone (LORDS_SM90A).
+// GPU when the build has sm_90a code alone (LORDS_SM90A). WG launches use programmatic dependent launch
+// (see the kernel's griddepcontrol.wait): H100, session 14, 4096x4096 r = 32 M = 1 11.49 -> 10.38 us,
+// 14336x4096 r = 49 27.36 -> 26.80 (bench/cuda_notes.md).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"
@@ -149,6 +151,29 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
   const int nsc = (int)((min_l(K - k0, kc) + kSuper - 1) / kSuper);
   const long row_bytes = K * BITS / 8;
   const int r8 = (r + 7) / 8 * 8;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (the host sets it on sm_90a launches, `pdl` in run()): this grid may start
+  // while the previous kernel in the stream still runs. Nothing that kernel may write is read before
+  // griddepcontrol.wait; only L2 prefetch hints for this block's codes and A slice go out first (L2 is the
+  // point of coherence, so a hint for a line being written is harmless), and the DRAM transfer of the codes,
+  // most of a one-token launch, overlaps the previous kernel's tail (its split-K reduction, in which most
+  // SMs are idle). Without the launch attribute the wait returns at once.
+  if constexpr (FAST && WG) {
+    const long row_span = (long)nsc * kSuper * BITS / 8;  // this split's code bytes per row
+    const int lines = (int)(row_span / 128) + 1;            // the span may straddle one more line
+    for (int i = threadIdx.x; i < kRows * lines; i += blockDim.x) {
+      const uint8_t* start = qw + min_l(block_row0 + i / lines, N - 1) * row_bytes + k0 * BITS / 8;
+      const uint8_t* line = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t(127)) +
+                            (long)(i % lines) * 128;
+      if (line < start + row_span) prefetch_l2(line);
+    }
+    const int alines = nsc * kSuper * (int)sizeof(T) / 128;  // whole lines: k0 and the span are 128-aligned
+    for (int i = threadIdx.x; i < r * alines; i += blockDim.x)
+      prefetch_l2(A + (long)(i / alines) * K + k0 + (long)(i % alines) * (128 / sizeof(T)));
+  }
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   // FAST: one pointer per row, advanced by a superchunk's bytes; rows past N read row N-1 (their
   // results are never stored), and the K range is whole superchunks, so no load needs a check.
@@ -396,6 +421,11 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
     }
   }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The next kernel may launch once every block of this one is here: its blocks take the SMs that blocks
+  // finishing before the split-K reduction leave idle.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   // Epilogue: acc[nt][jt][i] is T[row warp_row0 + nt*16 + g + 8*(i/2), col jt*8 + 2t + (i%2)].
   // Lane t == 0 of a row's quad ends with the row's sum for token m: one split writes y (+ bias),
   // several write their slice of the workspace.
@@ -551,11 +581,21 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
   const int rows = wg ? rows_per_block<NJ, true>() : rows_per_block<NJ, false>();
   dim3 grid((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits);
-  kernel<<<grid, wg ? re_threads<NJ, true>() : re_threads<NJ, false>(), smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
-                                           static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
-                                           a.bias_kind, static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N,
-                                           a.K, a.r, a.k_per_split);
-  cudaError_t e = cudaGetLastError();
+  // Programmatic dependent launch where the sm_90a image runs (see the kernel's griddepcontrol.wait).
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3((unsigned)(wg ? re_threads<NJ, true>() : re_threads<NJ, false>()));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = pdl;
+  cfg.numAttrs = wg ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                                     static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias, a.bias_kind,
+                                     static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N, a.K, a.r, a.k_per_split);
+  if (e == cudaSuccess) e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv launch: ") + cudaGetErrorString(e));
 }
 
