@@ -92,12 +92,12 @@ struct Mma<__half> {
   }
 };
 
-// Codes are read once: keep them out of L1 so x and the scale operands stay there. The loads and the
-// mma are both `asm volatile`, so the compiler keeps their program order: the next superchunk's code
-// loads stay issued before this superchunk's mmas (the prefetch) instead of being sunk after them.
 // A hint that brings p's line into L2 (no register, no wait).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
+// Codes are read once: keep them out of L1 so x and the scale operands stay there. The loads and the
+// mma are both `asm volatile`, so the compiler keeps their program order: the next superchunk's code
+// loads stay issued before this superchunk's mmas (the prefetch) instead of being sunk after them.
 __device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
