@@ -375,7 +375,7 @@ def cmd_selftest(a) -> int:
         print(f"lords selftest: lords_ext.selftest is not part of this installation ({e}); "
               "the backend self-check ships with the CUDA/Triton kernels.", file=sys.stderr)
         return 2
-    result = selftest(device=a.device, tune=a.tune) if a.device else selftest(tune=a.tune)
+    result = selftest(device=a.device, tune=a.tune)  # device None: cuda when present, else cpu
     return 0 if result in (None, True, 0) else 1
 
 
