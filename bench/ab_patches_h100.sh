@@ -9,7 +9,8 @@
 # Environment: LORDS_AB_BENCH, the timing module and its arguments (default "decode_paths --ms
 # $LORDS_AB_MS", LORDS_AB_MS default 1,2,4), several separated by ";" (their records are merged per
 # variant); LORDS_AB_TESTS, a pytest -k expression over
-# test_gpu_cuda.py (default "reassoc or matrix"). About 100 s for the first build, then ~160 s per patch.
+# test_gpu_cuda.py (default "reassoc or matrix"); LORDS_AB_BASE_TESTS, a -k expression run on the tree
+# before any patch (none by default). About 100 s for the first build, then ~160 s per patch.
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 BENCH="${LORDS_AB_BENCH:-decode_paths --ms ${LORDS_AB_MS:-1,2,4}}"
 TESTS="${LORDS_AB_TESTS:-reassoc or matrix}"
@@ -28,6 +29,11 @@ time_variant() {
     "$OUT/dp_$1.json" "${parts[@]}"
   rm -f "${parts[@]}"
 }
+if [ -n "${LORDS_AB_BASE_TESTS:-}" ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider python_tests/test_gpu_cuda.py -k "$LORDS_AB_BASE_TESTS" \
+    > "$OUT/pytest_0_base.log" 2>&1
+  echo "base: GPU tests rc=$? ($(tail -n 1 "$OUT/pytest_0_base.log"))"
+fi
 time_variant 0_base
 i=0
 for p in "$@"; do

@@ -7,7 +7,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 timeout "${LORDS_PYTEST_TIMEOUT:-240}" python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -n 15 "$OUT/pytest.log"
-timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 bench/sanitize_cuda.py > "$OUT/sanitize.log" 2>&1
+timeout "${LORDS_SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck --print-limit 5 python3 bench/sanitize_cuda.py > "$OUT/sanitize.log" 2>&1
 echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|worst" "$OUT/sanitize.log"
 [ $# -eq 0 ] && set -- decode_paths --ms 1,2,4,8,16
 mod="$1"; shift

@@ -11,7 +11,7 @@ Same timing method as bench_kernels.py (CUDA graphs over weight copies rotated p
 call); every LoRDS path is checked against the fp32 reference before it is timed.
 
     python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...] [--fused-splits 1,2,4]
-    python -m bench.dequant_paths --no-dequant ...   (the y rows alone)
+    python -m bench.dequant_paths --no-dequant ...   (the y rows alone; --no-triton: without Triton's)
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--fused-splits", default="", help="split counts to time path 4 at, besides its own plan")
     p.add_argument("--no-dequant", action="store_true", help="skip the dequantize-pass timings")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton backend's y rows (its autotuning)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "dequant_paths.json"))
     a = p.parse_args(argv)
     if (rc := cuda_ready("dequant_paths")) is not None:
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
                 for sp in [0] + fsplits:
                     mm(f"cuda_fused_s{sp}",
                        lambda q, B, A, sp=sp: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 4, sp))
-            mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))
+            if not a.no_triton:
+                mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))
             mm("op", lambda q, B, A: torch.ops.lords.dequant_matmul(x, q, B, A, cb, None))
             mrec["cublas_us"] = _us([lambda w=w: F.linear(x, w) for w in dense.copies])
             rows.append(mrec)
@@ -123,7 +125,7 @@ def print_matmul(rows, fcols) -> None:
         best = min([d["cuda_dequant_mm_us"]] + [d[c + "_us"] for c in fcols])
         print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['cuda_dequant_mm_us']:.2f} | "
               + "".join(f"{d[c + '_us']:.2f} | " for c in fcols)
-              + f"{d['triton_us']:.2f} | {d['op_us']:.2f} | {d['cublas_us']:.2f} | {d['cublas_us'] / best:.2f} | "
+              + f"{d.get('triton_us', float('nan')):.2f} | {d['op_us']:.2f} | {d['cublas_us']:.2f} | {d['cublas_us'] / best:.2f} | "
               f"{d['cublas_us'] / d['op_us']:.2f} |")
 
 

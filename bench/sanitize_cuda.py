@@ -12,7 +12,9 @@ CASES = [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 
          (1, 520, 1024, 32, 4, 2), (2, 300, 2048, 24, 3, 2), (1, 700, 1024, 49, 2, 2)]
 # K = 4096 at 4 bits: 11 superchunks per block, so the producer's ring wraps (waits on the `empty` mbarriers)
 CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 1024, 17, 2, 4),
-           (40, 130, 4096, 32, 4, 4), (100, 260, 4096, 49, 4, 4)]
+           (40, 130, 4096, 32, 4, 4), (100, 260, 4096, 49, 4, 4),
+           # the producer warpgroup at 192 / 256 tokens (setmaxnreg) and the two-slot ring of 256 tokens above r = 32
+           (192, 8576, 1024, 40, 4, 4), (256, 8576, 1024, 49, 4, 4), (260, 300, 1024, 20, 4, 4)]
           if "fused_gemm_ready=1" in torch.ops.lords.cuda_features() else [])
 for (M, N, K, r, bits, path) in CASES:
     g = torch.Generator().manual_seed(M)

@@ -12,7 +12,7 @@
 //      k-tile (m64nNTOKk16, A from registers, x from shared memory), asynchronous, so the warps build the
 //      next k-tile's weights while the tensor cores run this one.
 // x and A reach shared memory with cp.async, x in wgmma's K-major layout with the 128-byte swizzle; at 4 bits
-// (up to 128 tokens) a producer warpgroup copies them and mbarriers hand the ring's slots to and from the two
+// (every token tile) a producer warpgroup copies them and mbarriers hand the ring's slots to and from the two
 // consumer warpgroups, at 2 and 3 bits every thread copies and a block barrier per superchunk orders the ring. At 4 bits in the natural
 // k order (16-byte copies; each lane's codes are exchanged within its row's four lanes after the 16-byte
 // load, natural_quads); at 2 and 3 bits in the k order of lords_tile.cuh's permutation (one 4-byte copy per
@@ -47,10 +47,18 @@ constexpr int kRows = 128;     // weight rows per block: 16 per consumer warp
 // At 4 bits a third warpgroup (the producer) fills the ring; at 2 and 3 bits the consumers copy their 4-byte
 // pieces themselves. One producer warp was too few: its copies landed late (the consumers spent ~30 % of their
 // stall samples waiting for data; 14336x4096, 64 tokens 59 -> 71 us; ncu, H100). With twelve warps, three
-// share a scheduler's 16 K registers: at most 168 per thread, so at 192 and 256 tokens (193-213 registers with
-// eight warps) the consumers copy too.
+// share a scheduler's 16 K registers: 168 per thread at launch, and the 192- and 256-token consumers need 193-213
+// (their accumulators alone are 96-128). There the producer warpgroup gives registers back (setmaxnreg) and the
+// consumers take them: 128 x 56 + 256 x 224 = 384 x 168 (at 40 the producers spilled their copy addresses).
+// Without a producer the 256-token consumers spent 38 % of their main-loop stall samples at the per-superchunk
+// block barrier (ncu, 4096x4096, 1024 tokens, session 10).
 constexpr int kProducers = 128;
-__host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return bits == 4 && ntok <= 128; }
+__host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return bits == 4; }
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(kProducers * kProducerRegs + kThreads * kConsumerRegs <= (kThreads + kProducers) * 168,
+              "setmaxnreg moves registers within the block's launch allocation (168 per thread)");
+// Register split only where the consumers need more than the launch allocation.
+__host__ __device__ constexpr bool shifts_registers(int bits, int ntok) { return warp_specialized(bits, ntok) && ntok > 128; }
 __host__ __device__ constexpr int block_threads(int bits, int ntok) {
   return kThreads + (warp_specialized(bits, ntok) ? kProducers : 0);
 }
@@ -71,25 +79,33 @@ __host__ __device__ constexpr int slot_bytes(int rt, int ntok) {
   return (a_slot_bytes(rt) + x_slot_bytes(ntok) + 1023) / 1024 * 1024;
 }
 // Superchunks copied ahead. The copy of superchunk sc + kAhead goes into the slot read at sc - 2, so no
-// wgmma can still be reading it (a warpgroup keeps one k-tile in flight): kRing = kAhead + 2.
+// wgmma can still be reading it (a warpgroup keeps one k-tile in flight): kRing = kAhead + 2. With the
+// producer warpgroup (4 bits) the mbarriers hand slots over, so any ring of two or more slots is safe; at 256
+// tokens above r = 32 three slots (243 KB) do not fit and the ring has two (double buffering).
 __host__ __device__ constexpr int ahead(int ntok) { return ntok <= 64 ? 2 : 1; }
-__host__ __device__ constexpr int ring_slots(int ntok) { return ahead(ntok) + 2; }
+__host__ __device__ constexpr int ring_slots(int bits, int rt, int ntok) {
+  return bits == 4 && (ahead(ntok) + 2) * slot_bytes(rt, ntok) + 1024 > 227 * 1024 - 256 ? 2 : ahead(ntok) + 2;
+}
 // The 4-bit pair table (64 KB) where it fits beside the ring under 220 KB.
 __host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
-  return bits == 4 && (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + kPairTableBytes <= 220 * 1024;
+  return bits == 4 && (size_t)ring_slots(bits, rt, ntok) * slot_bytes(rt, ntok) + kPairTableBytes <= 220 * 1024;
 }
 __host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  // + 1 KB to align the ring
-  return (size_t)ring_slots(ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0) + 1024;
+  return (size_t)ring_slots(bits, rt, ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0) +
+         1024;
 }
 // The epilogue's fp32 partial tile [NTOK tokens][kPartStride], in the same shared memory: the stride of 132
 // floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
 constexpr int kPartStride = kRows + 4;
-static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(2, 4, 192) >= 192 * kPartStride * 4 &&
+static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_bytes(4, 4, 256) >= (size_t)256 * kPartStride * 4 &&
+                  smem_bytes(2, 4, 192) >= 192 * kPartStride * 4 &&
                   smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4 &&
                   smem_bytes(2, 1, 16) >= 16 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
-// 256 tokens take r <= 32 (RT <= 2): at RT = 4 three slots need 243 KB.
-static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 192) <= 227 * 1024 - 256 &&
+// 256 tokens above r = 32 (RT = 4) at 4 bits only: two slots there, three (243 KB) do not fit.
+static_assert(ring_slots(4, 4, 256) == 2 && ring_slots(2, 2, 256) == 3 && ring_slots(4, 4, 192) == 3, "ring sizes");
+static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 256) <= 227 * 1024 - 256 &&
+                  smem_bytes(2, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 192) <= 227 * 1024 - 256 &&
                   smem_bytes(4, 4, 128) <= 227 * 1024 - 256,
               "one block per SM, static shared memory aside");
 
@@ -131,7 +147,10 @@ __device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restri
   for (int i = 0; i < 4; ++i) dst[i] = xslot + x_chunk_offset<NTOK>(c, j0 + kStep * i);
   const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
   const int left = M - tok0 - j0;  // tokens of this thread's column that exist
-#pragma unroll
+  // Unrolled whole up to 16 copies; beyond, the compiler kept every source pointer live (the 192- and 256-token
+  // producers spilled them at 56 registers).
+  constexpr int kUnroll = NTOK / kStep > 16 ? 4 : NTOK / kStep;
+#pragma unroll kUnroll
   for (int it = 0; it < NTOK / kStep; ++it) {
     const bool ok = it * kStep < left;
     cp_async16(dst[it % 4] + (it / 4) * 4 * kStep * 128, ok ? src : x16, ok ? 16 : 0);
@@ -258,7 +277,8 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
   // stall samples were that barrier (one warpgroup waiting for the other) and 36 % of the instructions the
   // copies (ncu, 4096x4096, session 10).
   constexpr bool WS = warp_specialized(BITS, NTOK);
-  constexpr int kAhead = ahead(NTOK), kRing = ring_slots(NTOK);
+  constexpr int kAhead = ahead(NTOK), kRing = ring_slots(BITS, RT, NTOK);
+  static_assert(WS || kRing == kAhead + 2, "without the mbarrier hand-over the ring is kAhead + 2 slots");
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
   __shared__ uint64_t full_bar[kRing], empty_bar[kRing];
@@ -289,6 +309,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
   if constexpr (WS) __syncthreads();
 
   if (producer) {
+    if constexpr (shifts_registers(BITS, NTOK)) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     // Superchunk it goes into slot it % kRing once the consumers released that slot's previous use; each
     // thread's cp.async.mbarrier.arrive fires on `full` when its copies have landed, so the producers never
     // wait for data (the first version waited for its own copy groups before arriving, and had one warp).
@@ -303,7 +324,13 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
     }
     cp_async_wait<0>();
+    // The producers leave here, after the epilogue's two cluster barriers: code shared with the consumers after
+    // a setmaxnreg would be compiled for the producers' registers.
+    cluster_sync();
+    cluster_sync();
+    return;
   } else {
+    if constexpr (shifts_registers(BITS, NTOK)) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     auto load_codes = [&](Codes<BITS> (&c)[2], int sc) {
       const long kf = k0 + (long)sc * kSuper + 32 * t;
 #pragma unroll
@@ -488,11 +515,11 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
   const uint32_t splits = gridDim.z, rank = cluster_rank();
   const long n = block_row0 + 4 * lane;
   float bv[4] = {0.f, 0.f, 0.f, 0.f};
-  if (bias != nullptr && !producer)
+  if (bias != nullptr)
 #pragma unroll
     for (int e = 0; e < 4; ++e) bv[e] = n + e < N ? load_scalar(bias, bias_kind, n + e) : 0.f;
   const uint32_t part_s = smem_s + 4u * lane * 4u;
-  for (int tl = rank + splits * warp; tl < NTOK && !producer; tl += splits * (kThreads / 32)) {
+  for (int tl = rank + splits * warp; tl < NTOK; tl += splits * (kThreads / 32)) {
     const int m = tok0 + tl;
     if (m >= M) break;
     float4 v = make_float4(bv[0], bv[1], bv[2], bv[3]);
@@ -597,8 +624,12 @@ Entry pick_tok(int ntok, int r) {
   if (ntok == 16) return pick_rt<T, BITS, 16>(r);
   if (ntok == 64) return pick_rt<T, BITS, 64>(r);
   if (ntok == 192) return entry<T, BITS, 4, 192>();  // fused_token_tile gives 192 only above r = 32
-  if (ntok == 128 || r > 32) return pick_rt<T, BITS, 128>(r);  // fused_token_tile keeps r > 32 at 128 or 192
-  return r <= 16 ? entry<T, BITS, 1, 256>() : entry<T, BITS, 2, 256>();
+  if constexpr (BITS == 4) {
+    if (ntok == 256) return pick_rt<T, BITS, 256>(r);
+  } else if (ntok == 256 && r <= 32) {  // fused_token_tile keeps r > 32 at 128 or 192 below 4 bits
+    return r <= 16 ? entry<T, BITS, 1, 256>() : entry<T, BITS, 2, 256>();
+  }
+  return pick_rt<T, BITS, 128>(r);
 }
 template <typename T>
 Entry pick_bits(int bits, int ntok, int r) {
@@ -614,23 +645,28 @@ Entry pick(DType dtype, int bits, int ntok, int r) {
 
 }  // namespace
 
-// Above r = 32 (three 256-token slots do not fit) 192-token tiles where 128-token ones would take a second wave
-// and 192-token ones need fewer tiles: 14336x4096 r = 49 at M = 150 / 192 85.4 / 91.9 us against 159.7 (two
-// waves of 128-token tiles at M = 256). Where 128-token tiles fit one wave they stay: they have the producer
-// warpgroup, the 192-token tiles not (registers): 4096x14336 at M = 150 148.8 us with 192, ~107 with 128 (H100,
-// session 11, bench/h100/dequant_paths_session11_tile192.json).
+// Above r = 32 the tile of 128, 192 and (at 4 bits, where a producer warpgroup and a two-slot ring make it fit)
+// 256 tokens whose tiles take the fewest waves, the smaller on ties. 192 came first (session 11: 14336x4096 r = 49
+// at M = 150 / 192 85.4 / 91.9 us against 159.7 for two waves of 128-token tiles); 256 at 4 bits moved 14336x4096
+// M = 256 from 118.7 us (two waves of 128) to 94.0, and dequantize + cuBLAS takes 124 there (H100, session 15,
+// bench/h100/session15/fused_ab). Where 128-token tiles fit one wave they stay (4096x14336 at M = 150: 148.8 us
+// with 192, ~107 with 128, session 11).
 // Up to 16 tokens a 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter. It beats
 // the decode kernels from 6 tokens where the 128-row blocks fill the GPU without split-K (14336x4096 r = 49, M = 6
 // / 8 / 16: 50.6 / 50.6 / 50.3 us against 51.7 / 52.5 / 59.9; at M = 5 50.4 against 51.4, at 4 50.6 against 50.4),
 // not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
 // H100, session 12, bench/h100/dequant_paths_session12_desc.json); fused_gemm_preferred follows.
-int fused_token_tile(int M, int r, long N, int sms) {
+int fused_token_tile(int M, int r, long N, int sms, int bits) {
   if (M <= 16) return 16;
   if (M <= 64) return 64;
   if (M <= 128) return 128;
   if (r <= 32) return 256;
-  const long row_blocks = (N + kRows - 1) / kRows, t128 = (M + 127) / 128, t192 = (M + 191) / 192;
-  return row_blocks * t128 > sms && t192 < t128 ? 192 : 128;
+  const long row_blocks = (N + kRows - 1) / kRows;
+  auto waves = [&](int t) { return (row_blocks * ((M + t - 1) / t) + sms - 1) / std::max(sms, 1); };
+  int best = 128;
+  for (int t : {192, 256})
+    if ((t != 256 || bits == 4) && waves(t) < waves(best)) best = t;
+  return best;
 }
 
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A) {
@@ -650,7 +686,7 @@ DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms) {
   // A launch takes ceil(clusters / clusters at once) waves of (superchunks per split + ~1 for the prologue and
   // the cluster reduction); the fewest such units wins, fewer splits on ties. A tile is one cluster.
-  const int ntok = fused_token_tile(M, r, N, sms);
+  const int ntok = fused_token_tile(M, r, N, sms, bits);
   const Entry kernel = pick(dtype, bits, ntok, r);
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
@@ -666,7 +702,7 @@ DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, 
 }
 
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream) {
-  const int ntok = fused_token_tile(a.M, a.r, a.N, sms);
+  const int ntok = fused_token_tile(a.M, a.r, a.N, sms, a.bits);
   pick(a.dtype, a.bits, ntok, a.r).run(a, stream);
 }
 

@@ -74,7 +74,8 @@ constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: t
 constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
 constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
-int fused_token_tile(int M, int r, long N, int sms);  // tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32)
+// Tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32, or at 4 bits).
+int fused_token_tile(int M, int r, long N, int sms, int bits);
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
@@ -82,15 +83,19 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 6 tokens on with the 16-token
 // tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
 // tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
-// fills at least half of it. The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,
+// fills at least half of it. At r <= 32 that second clause alone, from M = 129 on and at 4 bits: the 256-token
+// tile with its producer warpgroup (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 / 29.0 us against 32.2 /
+// 33.3 / 36.2 for dequantize + cuBLAS; at M <= 128 dequantize + cuBLAS wins, 31.5 against 32.6 at M = 128; H100,
+// sessions 11 and 15). The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,
 // fused_gemm_first, with the measurements). Elsewhere the decode kernels up to kDecodeMaxM, then dequantize +
 // cuBLAS.
-inline bool fused_gemm_preferred(int M, long N, int r, int sms) {
-  if (M < kFusedMinM || M > 256 || r <= 32 || r > kFusedMaxRank) return false;
+inline bool fused_gemm_preferred(int M, long N, int r, int sms, int bits) {
+  if (M < kFusedMinM || M > 256 || r > kFusedMaxRank) return false;
+  if (r <= 32 && (M <= 128 || bits != 4)) return false;
   const long row_blocks = (N + 127) / 128;
-  if (M <= 128 && row_blocks * 5 >= 4L * sms) return true;
+  if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;
   if (M <= kDecodeMaxM) return false;
-  const int ntok = fused_token_tile(M, r, N, sms);
+  const int ntok = fused_token_tile(M, r, N, sms, bits);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
   return tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;
 }

@@ -65,12 +65,15 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (64, 49, 14336, 4096, True),     # 32 tiles in clusters of 3 (fused_gemm_plan counts the clusters that fit)
     (17, 49, 14336, 4096, True),
     (16, 49, 14336, 4096, False),    # the decode kernels up to 16 tokens where split-K is needed
-    (256, 49, 4096, 14336, False),   # 224 tiles: two waves
+    (256, 49, 4096, 14336, True),    # 112 tiles of 256 tokens (4 bits; 224 of 128 or 192 would take two waves)
     (192, 49, 4096, 14336, True),    # 112 tiles of 192 tokens
     (160, 64, 4096, 14336, True),
     (256, 49, 4096, 1024, False),    # 16 tiles: even 4 splits leave most SMs idle
     (257, 49, 14336, 4096, False),
-    (256, 32, 14336, 4096, False),
+    (256, 32, 14336, 4096, True),    # r <= 32 from M = 129 on: the 256-token tile, 32 tiles, split-K fills the GPU
+    (160, 16, 4096, 14336, True),
+    (128, 32, 14336, 4096, False),   # r <= 32 up to M = 128: dequantize + cuBLAS
+    (256, 32, 4096, 1024, False),    # 8 tiles
 ])
 def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
@@ -78,16 +81,40 @@ def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
         assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == "cuda"
 
 
+def test_fused_gemm_rule_reads_bits(fused_ready):
+    """The 256-token tile above r = 32 and the r <= 32 clause exist at 4 bits only (a producer warpgroup)."""
+    cuda = torch.device("cuda")
+    assert dispatch.fused_token_tile(256, 49, 14336, 132) == 256
+    assert dispatch.fused_token_tile(256, 49, 14336, 132, bits=3) == 128
+    assert dispatch.fused_token_tile(150, 49, 14336, 132) == 192  # one wave either way: the smaller tile
+    assert dispatch.fused_token_tile(300, 49, 4096, 132) == 128  # 96 tiles of 128 fit one wave
+    assert dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336)
+    assert not dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336, bits=2)
+    assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
+
+
 @pytest.mark.parametrize("M,r,N,tile", [
     (1, 49, 14336, 16), (16, 49, 14336, 16), (17, 49, 14336, 64), (64, 12, 14336, 64), (65, 12, 14336, 128), (128, 64, 14336, 128), (129, 32, 14336, 256),
-    (129, 33, 14336, 192), (192, 49, 14336, 192), (193, 49, 14336, 128), (256, 49, 14336, 128),
-    (300, 49, 14336, 192),
-    (150, 49, 4096, 128),  # 128-token tiles fit one wave: they keep the producer warpgroup
+    (129, 33, 14336, 192), (192, 49, 14336, 192),
+    (193, 49, 14336, 256), (256, 49, 14336, 256),  # one wave of 112 tiles (two of 128 or 192 tokens)
+    (300, 49, 14336, 192),  # two waves of 192 or 256 tokens: the smaller
+    (150, 49, 4096, 128),  # 128-token tiles fit one wave
     (400, 49, 4096, 128),  # 4 x 32 = 128 tiles of 128 tokens: one wave
-    (400, 49, 8192, 192),  # 4 x 64 would not, 3 x 64 of 192 tokens are fewer
+    (400, 49, 8192, 256),  # 2 x 64 tiles of 256 tokens: one wave (two of 128 or 192)
 ])
 def test_fused_token_tile(M, r, N, tile):
     assert dispatch.fused_token_tile(M, r, N, 132) == tile
+
+
+@pytest.mark.parametrize("M,r,N,tile", [
+    (256, 49, 14336, 128), (193, 49, 14336, 128),  # two waves of 128 or 192 tokens: the smaller
+    (400, 49, 8192, 128), (300, 49, 14336, 192),
+    (256, 32, 14336, 256),  # r <= 32: 256 tokens at every width (the consumers copy below 4 bits)
+])
+def test_fused_token_tile_below_4_bits(M, r, N, tile):
+    """No 256-token tile above r = 32 below 4 bits: three slots do not fit and only the 4-bit kernel's
+    producer warpgroup lets a two-slot ring run."""
+    assert dispatch.fused_token_tile(M, r, N, 132, bits=3) == tile
 
 
 def test_fused_gemm_rule_needs_the_kernel(hopper, monkeypatch):

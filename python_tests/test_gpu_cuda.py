@@ -216,7 +216,8 @@ def fused_gemm_ready() -> bool:
         (256, 4096, 4096, 32),  # 256-token tile
         (300, 777, 1024, 12),  # two token tiles (256 + 44), one rank chunk
         (129, 384, 3968, 64),  # 31 superchunks: uneven splits
-        (400, 17000, 1024, 40),  # 133 row blocks: three 192-token tiles (the last one 16 tokens) instead of four
+        (400, 17000, 1024, 40),  # 133 row blocks: two 256-token tiles at 4 bits, three of 192 below
+        (256, 8576, 1024, 49),  # 67 row blocks: one wave of 256-token tiles at 4 bits, the two-slot ring wraps
         (1, 256, 512, 1),  # one token through the 16-token tile, r = 1
         (13, 1001, 1024, 49),  # 16-token tile, four rank chunks
     ],
@@ -240,10 +241,10 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
 
 def fused_rule(M, N, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
-    if not (6 <= M <= 256 and 32 < r <= 64):
+    if not (6 <= M <= 256 and 1 <= r <= 64) or (r <= 32 and M <= 128):
         return False
     row_blocks = -(-N // 128)
-    if M <= 128 and row_blocks * 5 >= 4 * sms:
+    if r > 32 and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
     if M <= 16:
         return False
@@ -252,7 +253,8 @@ def fused_rule(M, N, r, sms):
 
 
 @pytest.mark.parametrize("M,N,r,fused", [(48, 14336, 49, True), (128, 14336, 40, True), (48, 4096, 49, True),
-                                          (48, 14336, 32, False), (200, 14336, 49, False), (96, 4096, 49, True),
+                                          (48, 14336, 32, False), (200, 14336, 49, True), (96, 4096, 49, True),
+                                          (200, 4096, 32, True), (100, 4096, 32, False), (256, 14336, 49, True),
                                           (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True),
                                           (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, False),
                                           (16, 4096, 49, False), (64, 1024, 49, False)])

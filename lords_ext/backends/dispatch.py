@@ -95,7 +95,7 @@ def forced() -> str | None:
 # The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton, the decode
 # kernels and the CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 6 <= M <= 128 where
 # N is large enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; 16-token
-# tiles up to M = 16), and for 16 < M <= 256 where its tiles (128 rows x 64, 128 or 192 tokens) fit one wave and
+# tiles up to M = 16), and for 16 < M <= 256 where its tiles (128 rows x 64, 128, 192 or 256 tokens) fit one wave and
 # split-K fills at least half of it (the kernel's plan counts the clusters of its split-K blocks that fit at
 # once). The CUDA op's automatic path applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100,
 # session 12, `python -m bench.dequant_paths --no-dequant` (bench/h100/dequant_paths_session12_desc.json), us,
@@ -105,8 +105,10 @@ def forced() -> str | None:
 #                       M=64: 55.2 / 101.2 / 116.7   M=128: 59.6 / 150.4 / 117.7   M=192: 87.0 / 156.8 / 120.7
 #     4096x14336 r=49   M=16: 59.0 / 73.8 / 115.1 (decode 54.0: not taken)   M=32: 63.5 / 79.8 / 115.3
 #                       M=64: 63.1 / 90.6 / 116.3   M=128: 66.9 / 152.4 / 120.0   M=256: 106.1 / 169.9 / 129.6
-# Not taken: at r = 32 dequantize + cuBLAS wins (4096x4096 M=128: 32.6 / 37.9 / 31.7, session 11), and on
-# 14336x4096 at M = 256 (224 tiles, two waves) the kernel is within 4 % of dequantize + cuBLAS (119.8 / 124.7).
+# At r <= 32 only from M = 129 on at 4 bits, where the 256-token tile has a producer warpgroup (session 15,
+# bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2; below, dequantize
+# + cuBLAS wins (4096x4096 M=128: 32.6 / 37.9 / 31.7, session 11). 14336x4096 at M = 256 takes 256-token tiles at
+# 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize + cuBLAS (two waves of 128-token tiles: 118.7).
 FUSED_M = (6, 256)
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
@@ -122,10 +124,16 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None) -> bool:
+def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None,
+                     bits: int = 4) -> bool:
+    """csrc/lords_kernels.h, fused_gemm_preferred. The dispatch does not see the code width and asks with
+    bits = 4; the only clause that reads it (r <= 32 from M = 129 on) lies where POLICY puts CUDA first
+    anyway, so the backend order is the same at every width."""
     if device.type != "cuda" or N is None or rank is None:
         return False
-    if not (FUSED_M[0] <= M <= FUSED_M[1] and FUSED_RANK[0] <= rank <= FUSED_RANK[1]):
+    if not (FUSED_M[0] <= M <= FUSED_M[1] and 1 <= rank <= FUSED_RANK[1]):
+        return False
+    if rank < FUSED_RANK[0] and (M <= 128 or bits != 4):
         return False
     if K is not None and K % CUDA_K_MULTIPLE:
         return False
@@ -134,15 +142,15 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     if not cuda_backend.fused_gemm_ready(device):
         return False
     sms, row_blocks = _sm_count(device), -(-N // 128)
-    if M <= 128 and row_blocks * 5 >= 4 * sms:
+    if rank >= FUSED_RANK[0] and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
     if M <= CUDA_DECODE_MAX_M:
         return False
-    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, sms))
+    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, sms, bits))
     return tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
-def fused_token_tile(M: int, rank: int, N: int, sms: int) -> int:
+def fused_token_tile(M: int, rank: int, N: int, sms: int, bits: int = 4) -> int:
     """Tokens per block of the fused GEMM (csrc/fused_gemm.cu, fused_token_tile, with the measurements)."""
     if M <= 16:
         return 16
@@ -152,8 +160,16 @@ def fused_token_tile(M: int, rank: int, N: int, sms: int) -> int:
         return 128
     if rank <= 32:
         return 256
-    row_blocks, t128, t192 = -(-N // 128), -(-M // 128), -(-M // 192)
-    return 192 if row_blocks * t128 > sms and t192 < t128 else 128
+    row_blocks = -(-N // 128)
+
+    def waves(t: int) -> int:
+        return -(-(row_blocks * -(-M // t)) // max(sms, 1))
+
+    best = 128
+    for t in (192, 256):
+        if (t != 256 or bits == 4) and waves(t) < waves(best):
+            best = t
+    return best
 
 
 # The CUDA kernels' fast paths (16-byte code loads, full-line stores of the dequant tiles) need K to be a
