@@ -57,8 +57,6 @@ __host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducers * kProducerRegs + kThreads * kConsumerRegs <= (kThreads + kProducers) * 168,
               "setmaxnreg moves registers within the block's launch allocation (168 per thread)");
-// Register split only where the consumers need more than the launch allocation.
-__host__ __device__ constexpr bool shifts_registers(int bits, int ntok) { return warp_specialized(bits, ntok) && ntok > 128; }
 __host__ __device__ constexpr int block_threads(int bits, int ntok) {
   return kThreads + (warp_specialized(bits, ntok) ? kProducers : 0);
 }
@@ -110,6 +108,9 @@ static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 256)
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Register split only where the consumers need more than the launch allocation.
+__device__ constexpr bool shifts_registers(int bits, int ntok) { return warp_specialized(bits, ntok) && ntok > 128; }
+
 // Descriptor of k-tile s of an x slot: the swizzled layout's 8-row groups are 1024 bytes apart, and a k-tile
 // inside a panel starts 32 bytes further per k-tile (the hardware applies the swizzle to the address bits).
 // Every descriptor is a slot's base descriptor plus (byte offset >> 4), added to the low word alone (the start
