@@ -72,25 +72,32 @@ template <int NTOK>
 __host__ __device__ constexpr uint32_t x_chunk_offset(int c, int m) {
   return (c / 8) * NTOK * 128 + m * 128 + (((c % 8) ^ (m % 8)) * 16);
 }
-// A slot: x first (at a 1024-byte boundary, as the 128-byte swizzle needs), then A.
-__host__ __device__ constexpr int slot_bytes(int rt, int ntok) {
-  return (a_slot_bytes(rt) + x_slot_bytes(ntok) + 1023) / 1024 * 1024;
+// A slot: x first (at a 1024-byte boundary, as the 128-byte swizzle needs), then A: at 4 bits in the scale
+// wgmma's MN-major layout (4096 bytes per 16 ranks, copy_A_mn), below in the padded layout ldmatrix reads.
+__host__ __device__ constexpr int a_bytes(int bits, int rt) { return bits == 4 ? rt * 4096 : a_slot_bytes(rt); }
+__host__ __device__ constexpr int slot_bytes(int bits, int rt, int ntok) {
+  return (a_bytes(bits, rt) + x_slot_bytes(ntok) + 1023) / 1024 * 1024;
 }
+constexpr size_t kSmemLimit = 227 * 1024 - 256;  // one block per SM, its static shared memory aside
 // Superchunks copied ahead. The copy of superchunk sc + kAhead goes into the slot read at sc - 2, so no
 // wgmma can still be reading it (a warpgroup keeps one k-tile in flight): kRing = kAhead + 2. With the
-// producer warpgroup (4 bits) the mbarriers hand slots over, so any ring of two or more slots is safe; at 256
-// tokens above r = 32 three slots (243 KB) do not fit and the ring has two (double buffering).
+// producer warpgroup (4 bits) the mbarriers hand slots over, so any ring of two or more slots is safe: above
+// 128 tokens it has two (three 256-token slots do not fit above r = 32), so that the 64 KB pair table fits
+// beside them (use_pairs).
 __host__ __device__ constexpr int ahead(int ntok) { return ntok <= 64 ? 2 : 1; }
-__host__ __device__ constexpr int ring_slots(int bits, int rt, int ntok) {
-  return bits == 4 && (ahead(ntok) + 2) * slot_bytes(rt, ntok) + 1024 > 227 * 1024 - 256 ? 2 : ahead(ntok) + 2;
-}
-// The 4-bit pair table (64 KB) where it fits beside the ring under 220 KB.
+__host__ __device__ constexpr int ring_slots(int bits, int ntok) { return bits == 4 && ntok > 128 ? 2 : ahead(ntok) + 2; }
+// The 4-bit pair table (64 KB) where it fits beside the ring, except at 256 tokens above r = 32: there it fits
+// (225 KB in all) but 14336x4096 r = 49 at M = 256 went from 94.4 to 133.4 us with it (H100, session 15, not
+// profiled: those producers spill ~130 bytes of loop invariants to local memory, and 225 KB of shared memory leave
+// the smallest L1 carve-out). Elsewhere above 128 tokens it gained 1-4 % (14336x4096 M = 192 90.2 -> 87.6,
+// 4096x4096 M = 192 / 512 27.8 -> 26.7 / 43.3 -> 41.6).
 __host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
-  return bits == 4 && (size_t)ring_slots(bits, rt, ntok) * slot_bytes(rt, ntok) + kPairTableBytes <= 220 * 1024;
+  return bits == 4 && !(ntok == 256 && rt == 4) &&
+         (size_t)ring_slots(bits, ntok) * slot_bytes(bits, rt, ntok) + kPairTableBytes + 1024 <= kSmemLimit;
 }
 __host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  // + 1 KB to align the ring
-  return (size_t)ring_slots(bits, rt, ntok) * slot_bytes(rt, ntok) + (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0) +
-         1024;
+  return (size_t)ring_slots(bits, ntok) * slot_bytes(bits, rt, ntok) +
+         (use_pairs(bits, rt, ntok) ? kPairTableBytes : 0) + 1024;
 }
 // The epilogue's fp32 partial tile [NTOK tokens][kPartStride], in the same shared memory: the stride of 132
 // floats puts the four tokens a warp's accumulator store touches (2t) eight banks apart.
@@ -100,11 +107,14 @@ static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_byt
                   smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4 &&
                   smem_bytes(2, 1, 16) >= 16 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
-// 256 tokens above r = 32 (RT = 4) at 4 bits only: two slots there, three (243 KB) do not fit.
-static_assert(ring_slots(4, 4, 256) == 2 && ring_slots(2, 2, 256) == 3 && ring_slots(4, 4, 192) == 3, "ring sizes");
-static_assert(smem_bytes(4, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 256) <= 227 * 1024 - 256 &&
-                  smem_bytes(2, 2, 256) <= 227 * 1024 - 256 && smem_bytes(4, 4, 192) <= 227 * 1024 - 256 &&
-                  smem_bytes(4, 4, 128) <= 227 * 1024 - 256,
+// 256 tokens above r = 32 (RT = 4) at 4 bits only (three slots below 4 bits do not fit); every other 4-bit tile
+// with the pair table.
+static_assert(!use_pairs(4, 4, 256) && use_pairs(4, 4, 192) && use_pairs(4, 2, 256) && use_pairs(4, 4, 128) &&
+                  use_pairs(4, 4, 64) && use_pairs(4, 4, 16),
+              "the pair table fits at 4 bits");
+static_assert(smem_bytes(4, 2, 256) <= kSmemLimit && smem_bytes(4, 4, 256) <= kSmemLimit &&
+                  smem_bytes(2, 2, 256) <= kSmemLimit && smem_bytes(4, 4, 192) <= kSmemLimit &&
+                  smem_bytes(2, 4, 192) <= kSmemLimit && smem_bytes(4, 4, 128) <= kSmemLimit,
               "one block per SM, static shared memory aside");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -189,7 +199,6 @@ __device__ __forceinline__ void copy_x_async(uint32_t xslot, const T* __restrict
 // results on the H100. Thread tid copies rank 8 jg + tid % 8, chunk 4 cb
 // + (tid / 8) % 4: the eight ranks of a store phase lie in distinct banks (a chunk-major lane order put the 16 chunks
 // of one rank in one bank group).
-static_assert(a_slot_bytes(1) >= 4096, "the MN-major A layout (4096 bytes per 16 ranks) fits the A slot");
 template <typename T, int RT, int NT>
 __device__ __forceinline__ void copy_A_mn(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase, int tid) {
   constexpr int kWarps = NT / 32;
@@ -278,7 +287,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
   // stall samples were that barrier (one warpgroup waiting for the other) and 36 % of the instructions the
   // copies (ncu, 4096x4096, session 10).
   constexpr bool WS = warp_specialized(BITS, NTOK);
-  constexpr int kAhead = ahead(NTOK), kRing = ring_slots(BITS, RT, NTOK);
+  constexpr int kAhead = ahead(NTOK), kRing = ring_slots(BITS, NTOK);
   static_assert(WS || kRing == kAhead + 2, "without the mbarrier hand-over the ring is kAhead + 2 slots");
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -318,7 +327,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
     for (int it = 0; it < nsc; ++it) {
       const int sl = it % kRing;
       if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
-      const uint32_t slot = ring_s + sl * slot_bytes(RT, NTOK);
+      const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
       const long kb = k0 + (long)it * kSuper;
       copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
       copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
@@ -359,7 +368,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
     // Without producers every consumer thread copies its share of a superchunk, kAhead ahead.
     auto fill = [&](int sc) {
       if (sc < nsc) {
-        const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+        const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
         const long kb = k0 + (long)sc * kSuper;
         if constexpr (NAT) {
           copy_A_mn<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb, threadIdx.x);
@@ -378,7 +387,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
 
     uint32_t bf[RT][4];
     load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
-    // The pair table fits beside the ring only up to 128 tokens, where the producers are there.
+    // The pair table exists at 4 bits, where the producers copy: the consumers build it.
     static_assert(!PAIRS || WS, "the pair table is built by the consumers alone");
     if constexpr (PAIRS) {
       build_pair_table(smem_dyn, lut, threadIdx.x, kThreads);
@@ -414,7 +423,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
       }
       if (sc + kCodeDepth < nsc) load_codes(ahead_codes[d], sc + kCodeDepth);
 
-      const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(RT, NTOK);
+      const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
       const uint64_t xbase = x_base_desc(slot);
       if constexpr (NAT) {
         const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
