@@ -26,10 +26,10 @@
 // last-block reduction of the decode kernels would read a 128 x 256 x splits tile through one SM.
 //
 // Dispatch table: dtype {fp16, bf16} x bits {2, 3, 4} x rank chunks RT {1, 2, 4} (r <= 16, 32, 64) x token
-// tiles NTOK {16, 64, 128, 192, 256; 192 only above r = 32, 256 only up to it}. The host takes this path only where the
-// sm_90a image runs (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A (vector_path_ok) and r <= 64;
-// path -1 only where fused_gemm_preferred holds (lords_kernels.h; measurements in bench/cuda_notes.md, sessions
-// 10 to 12).
+// tiles NTOK {16, 64, 128, 192, 256; 192 only above r = 32, 256 above it at 4 bits only}. The host takes this
+// path only where the sm_90a image runs (wgmma_ready), K % 128 == 0 with 16-byte-aligned x, qweight and A
+// (vector_path_ok) and r <= 64; path -1 only where fused_gemm_preferred holds (lords_kernels.h; measurements in
+// bench/cuda_notes.md, sessions 10 to 15).
 #include "lords_kernels.h"
 #include "lords_tile.cuh"
 #include "wgmma_rs.cuh"

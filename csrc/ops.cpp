@@ -12,7 +12,7 @@
 //     4: the fused wgmma GEMM (fused_gemm.cu; sm_90a image on a 9.0 GPU, r <= 64, K % 128 == 0, 16-byte
 //     aligned x, qweight and A). Automatic takes path 4 where it can run and fused_gemm_preferred holds
 //     (32 < r <= 64; 6 <= M <= 128 with N filling the GPU with 128-row blocks, or 16 < M <= 256 with its
-//     tiles in one wave).
+//     tiles in one wave; at r <= 32 the latter from M = 129 on, 4 bits only).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
