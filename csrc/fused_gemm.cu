@@ -53,12 +53,12 @@ constexpr int kRows = 128;     // weight rows per block: 16 per consumer warp
 // Without a producer the 256-token consumers spent 38 % of their main-loop stall samples at the per-superchunk
 // block barrier (ncu, 4096x4096, 1024 tokens, session 10).
 constexpr int kProducers = 128;
-__host__ __device__ constexpr bool warp_specialized(int bits, int ntok) { return bits == 4; }
+__host__ __device__ constexpr bool warp_specialized(int bits) { return bits == 4; }
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducers * kProducerRegs + kThreads * kConsumerRegs <= (kThreads + kProducers) * 168,
               "setmaxnreg moves registers within the block's launch allocation (168 per thread)");
-__host__ __device__ constexpr int block_threads(int bits, int ntok) {
-  return kThreads + (warp_specialized(bits, ntok) ? kProducers : 0);
+__host__ __device__ constexpr int block_threads(int bits) {
+  return kThreads + (warp_specialized(bits) ? kProducers : 0);
 }
 
 // x slot of one superchunk: wgmma's K-major layout with the 128-byte swizzle, two panels of 64 k (k-tiles
@@ -119,7 +119,7 @@ static_assert(smem_bytes(4, 2, 256) <= kSmemLimit && smem_bytes(4, 4, 256) <= kS
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Register split only where the consumers need more than the launch allocation.
-__device__ constexpr bool shifts_registers(int bits, int ntok) { return warp_specialized(bits, ntok) && ntok > 128; }
+__device__ constexpr bool shifts_registers(int bits, int ntok) { return warp_specialized(bits) && ntok > 128; }
 
 // Descriptor of k-tile s of an x slot: the swizzled layout's 8-row groups are 1024 bytes apart, and a k-tile
 // inside a panel starts 32 bytes further per k-tile (the hardware applies the swizzle to the address bits).
@@ -263,7 +263,7 @@ __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;
 #endif
 
 template <typename T, int BITS, int RT, int NTOK>
-__global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
+__global__ void __launch_bounds__(block_threads(BITS), 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                       const void* __restrict__ bias, int bias_kind, T* __restrict__ y, int M, long N, long K, int r,
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(block_threads(BITS, NTOK), 1)
   // version had every thread copy and a block barrier per superchunk: at 1024 tokens 38 % of the main loop's
   // stall samples were that barrier (one warpgroup waiting for the other) and 36 % of the instructions the
   // copies (ncu, 4096x4096, session 10).
-  constexpr bool WS = warp_specialized(BITS, NTOK);
+  constexpr bool WS = warp_specialized(BITS);
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(BITS, NTOK);
   static_assert(WS || kRing == kAhead + 2, "without the mbarrier hand-over the ring is kAhead + 2 slots");
   extern __shared__ uint4 smem_dyn[];
@@ -565,7 +565,7 @@ struct Launch {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
     cfg.gridDim = dim3((unsigned)tiles_n, (unsigned)tiles_m, (unsigned)splits);
-    cfg.blockDim = dim3(block_threads(BITS, NTOK));
+    cfg.blockDim = dim3(block_threads(BITS));
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     attr[0].id = cudaLaunchAttributeClusterDimension;
