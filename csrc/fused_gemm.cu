@@ -92,7 +92,7 @@ __host__ __device__ constexpr int ring_slots(int bits, int ntok) { return bits =
 // the smallest L1 carve-out). Elsewhere above 128 tokens it gained 1-4 % (14336x4096 M = 192 90.2 -> 87.6,
 // 4096x4096 M = 192 / 512 27.8 -> 26.7 / 43.3 -> 41.6).
 __host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
-  return bits == 4 && !(ntok == 256 && rt == 4) &&
+  return bits == 4 &&
          (size_t)ring_slots(bits, ntok) * slot_bytes(bits, rt, ntok) + kPairTableBytes + 1024 <= kSmemLimit;
 }
 __host__ __device__ constexpr size_t smem_bytes(int bits, int rt, int ntok) {  // + 1 KB to align the ring
@@ -109,7 +109,7 @@ static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_byt
               "the partial tile fits in the ring's shared memory");
 // 256 tokens above r = 32 (RT = 4) at 4 bits only (three slots below 4 bits do not fit); every other 4-bit tile
 // with the pair table.
-static_assert(!use_pairs(4, 4, 256) && use_pairs(4, 4, 192) && use_pairs(4, 2, 256) && use_pairs(4, 4, 128) &&
+static_assert(use_pairs(4, 4, 256) && use_pairs(4, 4, 192) && use_pairs(4, 2, 256) && use_pairs(4, 4, 128) &&
                   use_pairs(4, 4, 64) && use_pairs(4, 4, 16),
               "the pair table fits at 4 bits");
 static_assert(smem_bytes(4, 2, 256) <= kSmemLimit && smem_bytes(4, 4, 256) <= kSmemLimit &&
@@ -166,6 +166,44 @@ __device__ __forceinline__ void copy_x_natural(uint32_t xslot, const T* __restri
     const bool ok = it * kStep < left;
     cp_async16(dst[it % 4] + (it / 4) * 4 * kStep * 128, ok ? src : x16, ok ? 16 : 0);
     src += (long)kStep * K;
+  }
+}
+
+// Half a superchunk (k 64 h .. 64 h + 63: k-tiles 4 h .. 4 h + 3) of x and A, for the ring of half slots. x: the
+// half is panel h of the slot; thread tid of NT copies chunk 8 h + tid % 8 of tokens tid / 8 + (NT / 8) j, whose
+// swizzle (m % 8) does not change from pass to pass (NT / 8 is a multiple of 8).
+template <typename T, int NTOK, int NT>
+__device__ __forceinline__ void copy_x_half(uint32_t xslot, const T* __restrict__ x, int M, int tok0, long K,
+                                            long kbase, int tid, int h) {
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  constexpr int kStep = NT / 8;
+  static_assert(kStep % 8 == 0 && NTOK % kStep == 0, "one swizzle phase per thread");
+  const int c = 8 * h + tid % 8, j0 = tid / 8;
+  const uint32_t dst = xslot + x_chunk_offset<NTOK>(c, j0);
+  const uint16_t* src = x16 + (long)(tok0 + j0) * K + kbase + 8 * c;
+  const int left = M - tok0 - j0;
+#pragma unroll 4
+  for (int it = 0; it < NTOK / kStep; ++it) {
+    const bool ok = it * kStep < left;
+    cp_async16(dst + it * kStep * 128, ok ? src : x16, ok ? 16 : 0);
+    src += (long)kStep * K;
+  }
+}
+// A: chunks 8 h .. 8 h + 7 of every rank, the 1024 bytes at h * 1024 of each 2048-byte rank group (copy_A_mn's layout).
+template <typename T, int RT, int NT>
+__device__ __forceinline__ void copy_A_mn_half(uint32_t slot, const T* __restrict__ A, int r, long K, long kbase,
+                                               int tid, int h) {
+  constexpr int kWarps = NT / 32;
+  static_assert((4 * RT) % kWarps == 0, "whole (rank group, chunk quarter) units per warp");
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int j8 = tid % 8, cq = (tid / 8) % 4, w = tid / 32;
+  const uint32_t dst = slot + cq * 128 + j8 * 16;
+  const uint16_t* src = a16 + (long)j8 * K + kbase + 8 * cq;
+#pragma unroll
+  for (int i = 0; i < 4 * RT / kWarps; ++i) {
+    const int u = w + i * kWarps, jg = u / 2, cb = 2 * h + u % 2;
+    const bool ok = 8 * jg + j8 < r;
+    cp_async16(dst + jg * 2048 + cb * 512, ok ? src + (long)jg * 8 * K + 32 * cb : a16, ok ? 16 : 0);
   }
 }
 
@@ -289,9 +327,14 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   constexpr bool WS = warp_specialized(BITS);
   constexpr int kAhead = ahead(NTOK), kRing = ring_slots(BITS, NTOK);
   static_assert(WS || kRing == kAhead + 2, "without the mbarrier hand-over the ring is kAhead + 2 slots");
+  // Two slots handed over by halves (k-tiles 0-3, 4-7): the consumers release the first half of a superchunk
+  // at its k-tile 5, so the producers run 1.5 superchunks ahead instead of one (ncu, session 15: at 256 tokens with
+  // two whole slots the consumers waited on `full` for 17-23 % of their stall samples).
+  constexpr bool kHalves = WS && kRing == 2;
+  constexpr int kBars = kHalves ? 2 * kRing : kRing;
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
-  __shared__ uint64_t full_bar[kRing], empty_bar[kRing];
+  __shared__ uint64_t full_bar[kBars], empty_bar[kBars];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dyn));
   const uint32_t ring_s = (smem_s + (PAIRS ? (uint32_t)kPairTableBytes : 0u) + 1023u) & ~1023u;
   const uint32_t full_s = static_cast<uint32_t>(__cvta_generic_to_shared(full_bar));
@@ -308,7 +351,7 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 
   if constexpr (WS) {
     if (threadIdx.x == 0) {
-      for (int i = 0; i < kRing; ++i) {
+      for (int i = 0; i < kBars; ++i) {
         mbar_init(full_s + 8 * i, kProducers);      // every producer thread, once its copies landed
         mbar_init(empty_s + 8 * i, kThreads / 32);  // every consumer warp, after its last wgmma on the slot
       }
@@ -324,7 +367,19 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
     // thread's cp.async.mbarrier.arrive fires on `full` when its copies have landed, so the producers never
     // wait for data (the first version waited for its own copy groups before arriving, and had one warp).
     const int tid = threadIdx.x - kThreads;
-    for (int it = 0; it < nsc; ++it) {
+    if constexpr (kHalves) {
+      // Half p (superchunk p / 2, k-tiles 4 (p % 2) ..) goes into half slot p % 4: slot (p % 4) / 2, half p % 2.
+      for (int p = 0; p < 2 * nsc; ++p) {
+        const int q = p % kBars, h = q % 2;
+        if (p >= kBars) mbar_wait(empty_s + 8 * q, ((p / kBars) + 1) & 1);
+        const uint32_t slot = ring_s + (q / 2) * slot_bytes(BITS, RT, NTOK);
+        const long kb = k0 + (long)(p / 2) * kSuper;
+        copy_A_mn_half<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid, h);
+        copy_x_half<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid, h);
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * q) : "memory");
+      }
+    }
+    for (int it = 0; it < (kHalves ? 0 : nsc); ++it) {
       const int sl = it % kRing;
       if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
       const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
@@ -406,7 +461,8 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
       if constexpr (WS) {
         // cp.async wrote the slot through the generic proxy, the tensor cores read it through the async one:
         // the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
-        mbar_wait(full_s + 8 * (sc % kRing), (sc / kRing) & 1);
+        const int p = kHalves ? 2 * sc : sc;  // the first half (or the whole slot)
+        mbar_wait(full_s + 8 * (p % kBars), (p / kBars) & 1);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       } else {
         // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
@@ -448,9 +504,12 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
           if (s == 0) {
             wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
             // so this warp is done with the previous superchunk's slot.
-            if (WS && sc > 0 && lane == 0) mbar_arrive(empty_s + 8 * ((sc - 1) % kRing));
+            if (WS && sc > 0 && lane == 0)
+              mbar_arrive(empty_s + 8 * (kHalves ? (2 * sc - 1) % kBars : (sc - 1) % kRing));
           } else {
             wgmma_wait<1>();
+            // Only main(s - 1) may be in flight: every wgmma reading the first half (k-tiles 0-3) is done.
+            if (kHalves && s == 5 && lane == 0) mbar_arrive(empty_s + 8 * ((2 * sc) % kBars));
           }
           // sacc was written behind the compiler's back: no read of it may move above the wait.
 #pragma unroll
@@ -458,6 +517,10 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
           uint32_t wf[4];
           pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
                           reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
+          if (kHalves && s == 3) {  // scale(4) reads A's second half, main(4) x's
+            mbar_wait(full_s + 8 * ((2 * sc + 1) % kBars), ((2 * sc + 1) / kBars) & 1);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          }
           wgmma_fence();
           if (s + 1 < 8) issue_scale(s + 1);
           WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
