@@ -718,27 +718,40 @@ Entry pick(DType dtype, int bits, int ntok, int r) {
 
 }  // namespace
 
-// Above r = 32 the tile of 128, 192 and (at 4 bits, where a producer warpgroup and a two-slot ring make it fit)
-// 256 tokens whose tiles take the fewest waves, the smaller on ties. 192 came first (session 11: 14336x4096 r = 49
-// at M = 150 / 192 85.4 / 91.9 us against 159.7 for two waves of 128-token tiles); 256 at 4 bits moved 14336x4096
-// M = 256 from 118.7 us (two waves of 128) to 94.0, and dequantize + cuBLAS takes 124 there (H100, session 15,
-// bench/h100/session15/fused_ab). Where 128-token tiles fit one wave they stay (4096x14336 at M = 150: 148.8 us
-// with 192, ~107 with 128, session 11).
+// Above r = 32 the tile of 128, 192 or (at 4 bits, where a producer warpgroup and a two-slot ring make it fit)
+// 256 tokens with the least estimated time: waves x (superchunks per split + 1) x (tokens + kScaleTokens), over
+// 1 to 3 splits (clusters of up to 3 blocks taken to fit SMs / splits at once; fused_gemm_plan then picks the
+// split count with the real cluster occupancy). kScaleTokens is the per-superchunk work that does not grow with
+// the tile (scale tile at a rank padded to 64, look-ups, the codes), in token units: on the H100 a block's
+// superchunk took 2.06 / 2.39 us at 192 / 256 tokens (14336x4096 r = 49, one wave, no split) and 1.79 at 128 with
+// two splits (4096x14336), 0.0052 us per token and ~1.05 us besides (session 16, bench/h100/session16/check_halves).
+// The first rule, fewest waves without split-K, kept 4096x14336 on 128-token tiles (64 tiles, two splits: 102 us at
+// M = 192, 204 at M = 512 on one split). Earlier: 192 tokens for 14336x4096 r = 49 at M = 150 / 192 (85.4 / 91.9 us
+// against 159.7 for two waves of 128-token tiles, session 11); 256 at 4 bits for M = 256 (118.7 -> 94.0 us, session
+// 15).
 // Up to 16 tokens a 16-token tile: the scale tile costs what it costs at 64 tokens, the product a quarter. It beats
 // the decode kernels from 6 tokens where the 128-row blocks fill the GPU without split-K (14336x4096 r = 49, M = 6
 // / 8 / 16: 50.6 / 50.6 / 50.3 us against 51.7 / 52.5 / 59.9; at M = 5 50.4 against 51.4, at 4 50.6 against 50.4),
 // not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
 // H100, session 12, bench/h100/dequant_paths_session12_desc.json); fused_gemm_preferred follows.
-int fused_token_tile(int M, int r, long N, int sms, int bits) {
+constexpr long kScaleTokens = 200;
+int fused_token_tile(int M, int r, long N, long K, int sms, int bits) {
   if (M <= 16) return 16;
   if (M <= 64) return 64;
   if (M <= 128) return 128;
   if (r <= 32) return 256;
-  const long row_blocks = (N + kRows - 1) / kRows;
-  auto waves = [&](int t) { return (row_blocks * ((M + t - 1) / t) + sms - 1) / std::max(sms, 1); };
-  int best = 128;
-  for (int t : {192, 256})
-    if ((t != 256 || bits == 4) && waves(t) < waves(best)) best = t;
+  const long row_blocks = (N + kRows - 1) / kRows, k_super = std::max<long>(1, K / kSuper);
+  int best = 0;
+  long best_cost = 0;
+  for (int t : {128, 192, 256}) {
+    if (t == 256 && bits != 4) continue;
+    const long tiles = row_blocks * ((M + t - 1) / t);
+    for (long s = 1; s <= min_l(3, k_super); ++s) {
+      const long at_once = std::max<long>(1, sms / s);
+      const long cost = ((tiles + at_once - 1) / at_once) * ((k_super + s - 1) / s + 1) * (t + kScaleTokens);
+      if (best == 0 || cost < best_cost) best = t, best_cost = cost;  // the smaller tile on ties
+    }
+  }
   return best;
 }
 
@@ -759,7 +772,7 @@ DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms) {
   // A launch takes ceil(clusters / clusters at once) waves of (superchunks per split + ~1 for the prologue and
   // the cluster reduction); the fewest such units wins, fewer splits on ties. A tile is one cluster.
-  const int ntok = fused_token_tile(M, r, N, sms, bits);
+  const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const Entry kernel = pick(dtype, bits, ntok, r);
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
@@ -775,7 +788,7 @@ DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, 
 }
 
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream) {
-  const int ntok = fused_token_tile(a.M, a.r, a.N, sms, a.bits);
+  const int ntok = fused_token_tile(a.M, a.r, a.N, a.K, sms, a.bits);
   pick(a.dtype, a.bits, ntok, a.r).run(a, stream);
 }
 

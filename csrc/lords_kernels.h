@@ -75,7 +75,7 @@ constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
 constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
 // Tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32, or at 4 bits).
-int fused_token_tile(int M, int r, long N, int sms, int bits);
+int fused_token_tile(int M, int r, long N, long K, int sms, int bits);
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
@@ -89,13 +89,13 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // sessions 11 and 15). The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,
 // fused_gemm_first, with the measurements). Elsewhere the decode kernels up to kDecodeMaxM, then dequantize +
 // cuBLAS.
-inline bool fused_gemm_preferred(int M, long N, int r, int sms, int bits) {
+inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits) {
   if (M < kFusedMinM || M > 256 || r > kFusedMaxRank) return false;
   if (r <= 32 && (M <= 128 || bits != 4)) return false;
   const long row_blocks = (N + 127) / 128;
   if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;
   if (M <= kDecodeMaxM) return false;
-  const int ntok = fused_token_tile(M, r, N, sms, bits);
+  const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
   return tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;
 }

@@ -258,7 +258,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
   at::Tensor A_conv;
   bool gemm = false;
-  if (path == 4 || (path == -1 && !reassoc && fused_gemm_preferred((int)M, N, (int)B_in.size(1), sm_count(x.device()), bits))) {
+  if (path == 4 || (path == -1 && !reassoc && fused_gemm_preferred((int)M, N, K, (int)B_in.size(1), sm_count(x.device()), bits))) {
     A_conv = A_in.to(x.scalar_type()).contiguous();
     gemm = fused_gemm_fits(K, (int)B_in.size(1), x.data_ptr(), qweight.data_ptr(), A_conv.data_ptr());
     if (!gemm && path == 4)

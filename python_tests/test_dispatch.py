@@ -84,37 +84,59 @@ def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
 def test_fused_gemm_rule_reads_bits(fused_ready):
     """The 256-token tile above r = 32 and the r <= 32 clause exist at 4 bits only (a producer warpgroup)."""
     cuda = torch.device("cuda")
-    assert dispatch.fused_token_tile(256, 49, 14336, 132) == 256
-    assert dispatch.fused_token_tile(256, 49, 14336, 132, bits=3) == 128
-    assert dispatch.fused_token_tile(150, 49, 14336, 132) == 192  # one wave either way: the smaller tile
-    assert dispatch.fused_token_tile(300, 49, 4096, 132) == 128  # 96 tiles of 128 fit one wave
+    assert dispatch.fused_token_tile(256, 49, 14336, 4096, 132) == 256
+    assert dispatch.fused_token_tile(256, 49, 14336, 4096, 132, bits=3) == 128
+    assert dispatch.fused_token_tile(512, 49, 4096, 14336, 132) == 256
+    assert dispatch.fused_token_tile(512, 49, 4096, 14336, 132, bits=3) == 128
     assert dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336)
     assert not dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336, bits=2)
     assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
 
 
-@pytest.mark.parametrize("M,r,N,tile", [
-    (1, 49, 14336, 16), (16, 49, 14336, 16), (17, 49, 14336, 64), (64, 12, 14336, 64), (65, 12, 14336, 128), (128, 64, 14336, 128), (129, 32, 14336, 256),
-    (129, 33, 14336, 192), (192, 49, 14336, 192),
-    (193, 49, 14336, 256), (256, 49, 14336, 256),  # one wave of 112 tiles (two of 128 or 192 tokens)
-    (300, 49, 14336, 192),  # two waves of 192 or 256 tokens: the smaller
-    (150, 49, 4096, 128),  # 128-token tiles fit one wave
-    (400, 49, 4096, 128),  # 4 x 32 = 128 tiles of 128 tokens: one wave
-    (400, 49, 8192, 256),  # 2 x 64 tiles of 256 tokens: one wave (two of 128 or 192)
+@pytest.mark.parametrize("M,r,N,K,tile", [
+    (1, 49, 14336, 4096, 16), (16, 49, 14336, 4096, 16), (17, 49, 14336, 4096, 64), (64, 12, 14336, 4096, 64),
+    (65, 12, 14336, 4096, 128), (128, 64, 14336, 4096, 128), (129, 32, 14336, 4096, 256), (1024, 20, 1024, 4096, 256),
+    (129, 33, 14336, 4096, 192), (192, 49, 14336, 4096, 192),
+    (193, 49, 14336, 4096, 256), (256, 49, 14336, 4096, 256),  # one wave of 112 tiles (two of 128 or 192 tokens)
+    (300, 49, 14336, 4096, 192),  # two waves of 192 or 256 tokens: the smaller
+    # 32 row blocks, 112 superchunks: 32 tiles of 192 or 256 tokens in three splits (96 blocks, 38 superchunks
+    # each) before 64 of 128 tokens in two (56 each)
+    (150, 49, 4096, 14336, 192), (192, 49, 4096, 14336, 192), (256, 49, 4096, 14336, 256),
+    (512, 49, 4096, 14336, 256),  # 64 tiles of 256 tokens in two splits, against 128 of 128 tokens in one
+    (400, 49, 8192, 4096, 256),  # 2 x 64 tiles of 256 tokens: one wave (two of 128 or 192)
+    (1024, 64, 14336, 4096, 256),  # four waves of 256 tokens against six of 192 or eight of 128
 ])
-def test_fused_token_tile(M, r, N, tile):
-    assert dispatch.fused_token_tile(M, r, N, 132) == tile
+def test_fused_token_tile(M, r, N, K, tile):
+    assert dispatch.fused_token_tile(M, r, N, K, 132) == tile
+
+
+def test_fused_token_tile_cost_model():
+    """The tile is the argmin of waves x (superchunks per split + 1) x (tokens + SCALE_TOKENS) over 1 to 3
+    splits, written out once more on a grid of shapes."""
+    for M in range(129, 1100, 37):
+        for r in (33, 64):
+            for N in (1024, 4096, 8704, 14336):
+                for K in (1024, 4096, 14336):
+                    for bits in (3, 4):
+                        k_super = K // 128
+                        costs = {}
+                        for t in ((128, 192, 256) if bits == 4 else (128, 192)):
+                            tiles = -(-N // 128) * -(-M // t)
+                            costs[t] = min(-(-tiles // (132 // s)) * (-(-k_super // s) + 1) * (t + dispatch.SCALE_TOKENS)
+                                           for s in range(1, 4))
+                        want = min(costs, key=lambda t: (costs[t], t))
+                        assert dispatch.fused_token_tile(M, r, N, K, 132, bits) == want, (M, r, N, K, bits, costs)
 
 
 @pytest.mark.parametrize("M,r,N,tile", [
-    (256, 49, 14336, 128), (193, 49, 14336, 128),  # two waves of 128 or 192 tokens: the smaller
-    (400, 49, 8192, 128), (300, 49, 14336, 192),
+    (256, 49, 14336, 128), (193, 49, 14336, 128),  # two waves of 128 or 192 tokens: the 128-token tiles cost less
+    (400, 49, 8192, 192), (300, 49, 14336, 192),
     (256, 32, 14336, 256),  # r <= 32: 256 tokens at every width (the consumers copy below 4 bits)
 ])
 def test_fused_token_tile_below_4_bits(M, r, N, tile):
     """No 256-token tile above r = 32 below 4 bits: three slots do not fit and only the 4-bit kernel's
     producer warpgroup lets a two-slot ring run."""
-    assert dispatch.fused_token_tile(M, r, N, 132, bits=3) == tile
+    assert dispatch.fused_token_tile(M, r, N, 4096, 132, bits=3) == tile
 
 
 def test_fused_gemm_rule_needs_the_kernel(hopper, monkeypatch):

@@ -239,7 +239,7 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
     assert rel(y, y1.float()) < TOL
 
 
-def fused_rule(M, N, r, sms):
+def fused_rule(M, N, K, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
     if not (6 <= M <= 256 and 1 <= r <= 64) or (r <= 32 and M <= 128):
         return False
@@ -248,7 +248,7 @@ def fused_rule(M, N, r, sms):
         return True
     if M <= 16:
         return False
-    tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, sms))
+    tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, K, sms))
     return tiles <= sms and tiles * 8 >= sms
 
 
@@ -267,7 +267,7 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=3)
     y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    expect = fused_rule(M, N, r, sms)
+    expect = fused_rule(M, N, 1024, r, sms)
     if sms == 132:  # the H100 the fourth column was written for
         assert expect == fused
     other = 0 if M <= 16 else 1

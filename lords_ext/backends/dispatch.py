@@ -129,13 +129,13 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     """csrc/lords_kernels.h, fused_gemm_preferred. The dispatch does not see the code width and asks with
     bits = 4; the only clause that reads it (r <= 32 from M = 129 on) lies where POLICY puts CUDA first
     anyway, so the backend order is the same at every width."""
-    if device.type != "cuda" or N is None or rank is None:
+    if device.type != "cuda" or N is None or K is None or rank is None:
         return False
     if not (FUSED_M[0] <= M <= FUSED_M[1] and 1 <= rank <= FUSED_RANK[1]):
         return False
     if rank < FUSED_RANK[0] and (M <= 128 or bits != 4):
         return False
-    if K is not None and K % CUDA_K_MULTIPLE:
+    if K % CUDA_K_MULTIPLE:
         return False
     from . import cuda as cuda_backend
 
@@ -146,12 +146,17 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
         return True
     if M <= CUDA_DECODE_MAX_M:
         return False
-    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, sms, bits))
+    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, K, sms, bits))
     return tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
-def fused_token_tile(M: int, rank: int, N: int, sms: int, bits: int = 4) -> int:
-    """Tokens per block of the fused GEMM (csrc/fused_gemm.cu, fused_token_tile, with the measurements)."""
+SCALE_TOKENS = 200  # csrc/fused_gemm.cu, kScaleTokens
+
+
+def fused_token_tile(M: int, rank: int, N: int, K: int, sms: int, bits: int = 4) -> int:
+    """Tokens per block of the fused GEMM (csrc/fused_gemm.cu, fused_token_tile, with the measurements): above
+    r = 32 the tile with the least estimated time, waves x (superchunks per split + 1) x (tokens + SCALE_TOKENS)
+    over 1 to 3 splits."""
     if M <= 16:
         return 16
     if M <= 64:
@@ -160,15 +165,17 @@ def fused_token_tile(M: int, rank: int, N: int, sms: int, bits: int = 4) -> int:
         return 128
     if rank <= 32:
         return 256
-    row_blocks = -(-N // 128)
-
-    def waves(t: int) -> int:
-        return -(-(row_blocks * -(-M // t)) // max(sms, 1))
-
-    best = 128
-    for t in (192, 256):
-        if (t != 256 or bits == 4) and waves(t) < waves(best):
-            best = t
+    row_blocks, k_super = -(-N // 128), max(1, K // 128)
+    best, best_cost = 0, 0
+    for t in (128, 192, 256):
+        if t == 256 and bits != 4:
+            continue
+        tiles = row_blocks * -(-M // t)
+        for s in range(1, min(3, k_super) + 1):
+            at_once = max(1, sms // s)
+            cost = -(-tiles // at_once) * (-(-k_super // s) + 1) * (t + SCALE_TOKENS)
+            if best == 0 or cost < best_cost:
+                best, best_cost = t, cost
     return best
 
 
