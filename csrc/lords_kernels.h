@@ -83,14 +83,19 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 6 tokens on with the 16-token
 // tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
 // tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
-// fills at least half of it. At r <= 32 that second clause alone, from M = 129 on and at 4 bits: the 256-token
-// tile with its producer warpgroup (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 / 29.0 us against 32.2 /
-// 33.3 / 36.2 for dequantize + cuBLAS; at M <= 128 dequantize + cuBLAS wins, 31.5 against 32.6 at M = 128; H100,
-// sessions 11 and 15). The Python dispatch applies the same rule (lords_ext/backends/dispatch.py,
-// fused_gemm_first, with the measurements). Elsewhere the decode kernels up to kDecodeMaxM, then dequantize +
-// cuBLAS.
+// fills at least half of it, up to M = 512 at 4 bits (kFusedMaxM4), where the 192- and 256-token tiles have a
+// producer warpgroup and their ring is handed over by halves. At r <= 32 that second clause alone, from M = 129
+// on and at 4 bits: the 256-token tile (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 / 29.0 us against
+// 32.2 / 33.3 / 36.2 for dequantize + cuBLAS; at M <= 128 dequantize + cuBLAS wins, 31.5 against 32.6 at M = 128;
+// H100, sessions 11 and 15). M = 384 / 512 (session 16, bench/h100/session16): 4096x4096 r = 32 37.0 / 39.3 us
+// against 37.8 / 43.0, 4096x14336 r = 49 118.2 / 135.8 against 149.5 / 152.1; not where the tiles take two waves
+// (14336x4096: 135-157 against 141-174, left to dequantize + cuBLAS) or split-K fills less than half the GPU
+// (1024x4096 r = 12: 20.1 against 14.9 / 16.2). The Python dispatch applies the same rule
+// (lords_ext/backends/dispatch.py, fused_gemm_first, with the measurements). Elsewhere the decode kernels up to
+// kDecodeMaxM, then dequantize + cuBLAS.
+constexpr int kFusedMaxM = 256, kFusedMaxM4 = 512;
 inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits) {
-  if (M < kFusedMinM || M > 256 || r > kFusedMaxRank) return false;
+  if (M < kFusedMinM || M > (bits == 4 ? kFusedMaxM4 : kFusedMaxM) || r > kFusedMaxRank) return false;
   if (r <= 32 && (M <= 128 || bits != 4)) return false;
   const long row_blocks = (N + 127) / 128;
   if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;

@@ -69,7 +69,10 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (192, 49, 4096, 14336, True),    # 112 tiles of 192 tokens
     (160, 64, 4096, 14336, True),
     (256, 49, 4096, 1024, False),    # 16 tiles: even 4 splits leave most SMs idle
-    (257, 49, 14336, 4096, False),
+    (257, 49, 14336, 4096, True),    # up to 512 tokens at 4 bits: 64 tiles of 192 tokens in two splits
+    (512, 49, 14336, 4096, True),    # 64 tiles of 256 tokens
+    (513, 49, 14336, 4096, False),
+    (384, 49, 4096, 14336, False),   # 224 tiles of 192 or 256 tokens: two waves
     (256, 32, 14336, 4096, True),    # r <= 32 from M = 129 on: the 256-token tile, 32 tiles, split-K fills the GPU
     (160, 16, 4096, 14336, True),
     (128, 32, 14336, 4096, False),   # r <= 32 up to M = 128: dequantize + cuBLAS
@@ -91,6 +94,8 @@ def test_fused_gemm_rule_reads_bits(fused_ready):
     assert dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336)
     assert not dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336, bits=2)
     assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
+    assert dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096)
+    assert not dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096, bits=3)  # above 256 tokens at 4 bits only
 
 
 @pytest.mark.parametrize("M,r,N,K,tile", [

@@ -7,8 +7,8 @@ Order of decisions:
 3. CUDA tensors: the first backend in POLICY's list for the GPU's compute capability and the
    token count M that is available and supports the call; the reference backend closes every list.
    Before POLICY, dequant_matmul takes CUDA first where its fused wgmma GEMM wins (fused_gemm_first
-   below: 32 < r <= 64 with 16 < M <= 128 and N filling the GPU with 128-row blocks, or 64 < M <= 256 and
-   its tiles in one wave; sm_90a build on a 9.0 GPU).
+   below: 32 < r <= 64 with 16 < M <= 128 and N filling the GPU with 128-row blocks, or 64 < M <= 256 (512
+   at 4 bits) and its tiles in one wave; sm_90a build on a 9.0 GPU).
    Where K (the weight's input features) is not a multiple of 128, Triton goes before CUDA
    (CUDA_K_MULTIPLE below).
 
@@ -109,7 +109,12 @@ def forced() -> str | None:
 # bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2; below, dequantize
 # + cuBLAS wins (4096x4096 M=128: 32.6 / 37.9 / 31.7, session 11). 14336x4096 at M = 256 takes 256-token tiles at
 # 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize + cuBLAS (two waves of 128-token tiles: 118.7).
+# Up to M = 512 at 4 bits (session 16, bench/h100/session16, after the ring handed over by halves and the token tile
+# chosen by estimated time): 4096x4096 r=32 M=384: 37.0 / - / 37.8   M=512: 39.3 / - / 43.0; 4096x14336 r=49
+# M=384: 118.2 / - / 149.5   M=512: 135.8 / - / 152.1; not taken where the tiles need two waves (14336x4096 M=512:
+# 152-157 against 165-174 for dequantize + cuBLAS, a loss at M=1024: 320 against 257).
 FUSED_M = (6, 256)
+FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
 FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
@@ -127,11 +132,11 @@ def _sm_count(device: torch.device) -> int:
 def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None,
                      bits: int = 4) -> bool:
     """csrc/lords_kernels.h, fused_gemm_preferred. The dispatch does not see the code width and asks with
-    bits = 4; the only clause that reads it (r <= 32 from M = 129 on) lies where POLICY puts CUDA first
+    bits = 4; the clauses that read it (r <= 32 from M = 129 on, M up to 512) lie where POLICY puts CUDA first
     anyway, so the backend order is the same at every width."""
     if device.type != "cuda" or N is None or K is None or rank is None:
         return False
-    if not (FUSED_M[0] <= M <= FUSED_M[1] and 1 <= rank <= FUSED_RANK[1]):
+    if not (FUSED_M[0] <= M <= (FUSED_M4_MAX if bits == 4 else FUSED_M[1]) and 1 <= rank <= FUSED_RANK[1]):
         return False
     if rank < FUSED_RANK[0] and (M <= 128 or bits != 4):
         return False
@@ -269,7 +274,8 @@ def describe(device: torch.device | None = None) -> str:
 
         if cuda_backend.fused_gemm_ready(device):
             n_min = -(-4 * _sm_count(device) // 5) * 128
-            lines.append(f"  fused wgmma GEMM (CUDA) first for {FUSED_M[0]} <= M <= {FUSED_M[1]}, "
+            lines.append(f"  fused wgmma GEMM (CUDA) first for {FUSED_M[0]} <= M <= {FUSED_M[1]} "
+                         f"({FUSED_M4_MAX} at 4 bits), "
                          f"{FUSED_RANK[0]} <= r <= {FUSED_RANK[1]}, N >= {n_min}")
         else:
             lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
