@@ -86,11 +86,11 @@ constexpr size_t kSmemLimit = 227 * 1024 - 256;  // one block per SM, its static
 // beside them (use_pairs).
 __host__ __device__ constexpr int ahead(int ntok) { return ntok <= 64 ? 2 : 1; }
 __host__ __device__ constexpr int ring_slots(int bits, int ntok) { return bits == 4 && ntok > 128 ? 2 : ahead(ntok) + 2; }
-// The 4-bit pair table (64 KB) where it fits beside the ring, except at 256 tokens above r = 32: there it fits
-// (225 KB in all) but 14336x4096 r = 49 at M = 256 went from 94.4 to 133.4 us with it (H100, session 15, not
-// profiled: those producers spill ~130 bytes of loop invariants to local memory, and 225 KB of shared memory leave
-// the smallest L1 carve-out). Elsewhere above 128 tokens it gained 1-4 % (14336x4096 M = 192 90.2 -> 87.6,
-// 4096x4096 M = 192 / 512 27.8 -> 26.7 / 43.3 -> 41.6).
+// The 4-bit pair table (64 KB) wherever it fits beside the ring (every 4-bit tile). Above 128 tokens it gained
+// 1-4 % (14336x4096 M = 192 90.2 -> 87.6, 4096x4096 M = 192 / 512 27.8 -> 26.7 / 43.3 -> 41.6; H100, session 15),
+// except at 256 tokens above r = 32 (225 KB of shared memory in all), where it cost 40 % (94.4 -> 133.4 us at
+// 14336x4096 M = 256) while the producers spilled their copy addresses; since the ring is handed over by halves
+// (producers without spills) it gains there too: 80.5 -> 77.3 us (session 16, bench/h100/session16/halves_ab).
 __host__ __device__ constexpr bool use_pairs(int bits, int rt, int ntok) {
   return bits == 4 &&
          (size_t)ring_slots(bits, ntok) * slot_bytes(bits, rt, ntok) + kPairTableBytes + 1024 <= kSmemLimit;
@@ -107,8 +107,7 @@ static_assert(smem_bytes(2, 1, 256) >= (size_t)256 * kPartStride * 4 && smem_byt
                   smem_bytes(2, 1, 128) >= 128 * kPartStride * 4 && smem_bytes(2, 1, 64) >= 64 * kPartStride * 4 &&
                   smem_bytes(2, 1, 16) >= 16 * kPartStride * 4,
               "the partial tile fits in the ring's shared memory");
-// 256 tokens above r = 32 (RT = 4) at 4 bits only (three slots below 4 bits do not fit); every other 4-bit tile
-// with the pair table.
+// Every 4-bit tile with the pair table, 256 tokens above r = 32 (RT = 4) included.
 static_assert(use_pairs(4, 4, 256) && use_pairs(4, 4, 192) && use_pairs(4, 2, 256) && use_pairs(4, 4, 128) &&
                   use_pairs(4, 4, 64) && use_pairs(4, 4, 16),
               "the pair table fits at 4 bits");
@@ -329,7 +328,8 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   static_assert(WS || kRing == kAhead + 2, "without the mbarrier hand-over the ring is kAhead + 2 slots");
   // Two slots handed over by halves (k-tiles 0-3, 4-7): the consumers release the first half of a superchunk
   // at its k-tile 5, so the producers run 1.5 superchunks ahead instead of one (ncu, session 15: at 256 tokens with
-  // two whole slots the consumers waited on `full` for 17-23 % of their stall samples).
+  // two whole slots the consumers waited on `full` for 17-23 % of their stall samples). H100, session 16: 14336x4096
+  // r = 49 at 192 / 256 tokens 87.5 -> 67.4 / 94.1 -> 80.5 us, 4096x4096 r = 32 at 256 tokens 28.8 -> 27.3.
   constexpr bool kHalves = WS && kRing == 2;
   constexpr int kBars = kHalves ? 2 * kRing : kRing;
   extern __shared__ uint4 smem_dyn[];
