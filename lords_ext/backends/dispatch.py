@@ -218,7 +218,8 @@ def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | N
     fused GEMM rule above).
 
     Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, N for dequant_matmul, LORDS_BACKEND,
-    TRITON_INTERPRET): the
+    TRITON_INTERPRET; K itself moves only the fused GEMM's token tile above 128 tokens, where CUDA goes first
+    whatever the tile): the
     decision reads the GPU's properties several times, which cost ~60 us of host time per op call
     on the H100 machine (bench/host_overhead.py), as much as a small layer's kernels. Errors are
     not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
