@@ -220,6 +220,9 @@ def fused_gemm_ready() -> bool:
         (256, 8576, 1024, 49),  # 67 row blocks: one wave of 256-token tiles at 4 bits, the two-slot ring wraps
         (1, 256, 512, 1),  # one token through the 16-token tile, r = 1
         (13, 1001, 1024, 49),  # 16-token tile, four rank chunks
+        (150, 4096, 4096, 49),  # 32 tiles of 192 tokens in three splits at 4 bits (fused_token_tile's cost model)
+        (300, 256, 1024, 12),  # two row blocks, the second 256-token tile 44 tokens deep
+        (150, 8704, 1024, 49),  # 68 row blocks: one wave of 192-token tiles
     ],
 )
 def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
