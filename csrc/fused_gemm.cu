@@ -378,15 +378,16 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
         copy_x_half<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid, h);
         asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * q) : "memory");
       }
-    }
-    for (int it = 0; it < (kHalves ? 0 : nsc); ++it) {
-      const int sl = it % kRing;
-      if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
-      const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
-      const long kb = k0 + (long)it * kSuper;
-      copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
-      copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
+    } else {
+      for (int it = 0; it < nsc; ++it) {
+        const int sl = it % kRing;
+        if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
+        const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
+        const long kb = k0 + (long)it * kSuper;
+        copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
+        copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
+      }
     }
     cp_async_wait<0>();
     // The producers leave here, after the epilogue's two cluster barriers: code shared with the consumers after
@@ -420,18 +421,15 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
         ahead_codes[d][0].clear(), ahead_codes[d][1].clear();
     }
 
-    // Without producers every consumer thread copies its share of a superchunk, kAhead ahead.
+    // Without producers (2 and 3 bits: every 4-bit tile has them) every consumer thread copies its share of a
+    // superchunk, kAhead ahead.
+    static_assert(WS == NAT, "the producers copy exactly the natural-order (4-bit) tiles");
     auto fill = [&](int sc) {
       if (sc < nsc) {
         const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
         const long kb = k0 + (long)sc * kSuper;
-        if constexpr (NAT) {
-          copy_A_mn<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb, threadIdx.x);
-          copy_x_natural<T, NTOK, kThreads>(slot, x, M, tok0, K, kb, threadIdx.x);
-        } else {
-          copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb);
-          copy_x_async<T, NTOK>(slot, x, M, tok0, K, kb);
-        }
+        copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb);
+        copy_x_async<T, NTOK>(slot, x, M, tok0, K, kb);
       }
       cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
     };
@@ -455,15 +453,17 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 #pragma unroll
     for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
 
+    // Half (or slot) p has landed. cp.async wrote it through the generic proxy, the tensor cores read it through
+    // the async one: the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
+    [[maybe_unused]] auto wait_full = [&](int p) {
+      mbar_wait(full_s + 8 * (p % kBars), (p / kBars) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    };
     // Codes kCodeDepth superchunks ahead, in registers: the superchunk loop is unrolled by kCodeDepth so every
     // index into ahead_codes is a constant.
     auto superchunk = [&](int sc, int d) {
       if constexpr (WS) {
-        // cp.async wrote the slot through the generic proxy, the tensor cores read it through the async one:
-        // the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
-        const int p = kHalves ? 2 * sc : sc;  // the first half (or the whole slot)
-        mbar_wait(full_s + 8 * (p % kBars), (p / kBars) & 1);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        wait_full(kHalves ? 2 * sc : sc);  // the first half (or the whole slot)
       } else {
         // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
         // through the generic proxy and the tensor cores read it through the async one, hence the fence.
@@ -517,10 +517,7 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
           uint32_t wf[4];
           pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
                           reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
-          if (kHalves && s == 3) {  // scale(4) reads A's second half, main(4) x's
-            mbar_wait(full_s + 8 * ((2 * sc + 1) % kBars), ((2 * sc + 1) / kBars) & 1);
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-          }
+          if (kHalves && s == 3) wait_full(2 * sc + 1);  // scale(4) reads A's second half, main(4) x's
           wgmma_fence();
           if (s + 1 < 8) issue_scale(s + 1);
           WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
@@ -735,6 +732,11 @@ Entry pick(DType dtype, int bits, int ntok, int r) {
 // not where it needs split-K (4096x14336 M = 16: 59.0 against 54.0;
 // H100, session 12, bench/h100/dequant_paths_session12_desc.json); fused_gemm_preferred follows.
 constexpr long kScaleTokens = 200;
+// A launch of `tiles` tiles in `splits` splits of k_super superchunks, `at_once` tiles per wave: waves x
+// (superchunks per split + ~1 for the prologue and the cluster reduction).
+static long split_units(long tiles, long at_once, long k_super, long splits) {
+  return ((tiles + at_once - 1) / at_once) * ((k_super + splits - 1) / splits + 1);
+}
 int fused_token_tile(int M, int r, long N, long K, int sms, int bits) {
   if (M <= 16) return 16;
   if (M <= 64) return 64;
@@ -747,8 +749,7 @@ int fused_token_tile(int M, int r, long N, long K, int sms, int bits) {
     if (t == 256 && bits != 4) continue;
     const long tiles = row_blocks * ((M + t - 1) / t);
     for (long s = 1; s <= min_l(3, k_super); ++s) {
-      const long at_once = std::max<long>(1, sms / s);
-      const long cost = ((tiles + at_once - 1) / at_once) * ((k_super + s - 1) / s + 1) * (t + kScaleTokens);
+      const long cost = split_units(tiles, std::max<long>(1, sms / s), k_super, s) * (t + kScaleTokens);
       if (best == 0 || cost < best_cost) best = t, best_cost = cost;  // the smaller tile on ties
     }
   }
@@ -770,18 +771,15 @@ DecodePlan fused_gemm_plan_with_splits(long N, long K, int want) {
 }
 
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms) {
-  // A launch takes ceil(clusters / clusters at once) waves of (superchunks per split + ~1 for the prologue and
-  // the cluster reduction); the fewest such units wins, fewer splits on ties. A tile is one cluster.
+  // The fewest split_units win, counting the clusters that run at once; fewer splits on ties. A tile is one cluster.
   const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const Entry kernel = pick(dtype, bits, ntok, r);
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
   long best = 1, best_cost = -1;
   for (long s = 1; s <= min_l(k_super, kFusedAutoSplits); ++s) {
-    const long sc = (k_super + s - 1) / s;
     const int known = s == 1 ? sms : kernel.clusters((int)s);
-    const long at_once = std::max<long>(1, known > 0 ? known : sms / s);
-    const long cost = ((tiles + at_once - 1) / at_once) * (sc + 1);
+    const long cost = split_units(tiles, std::max<long>(1, known > 0 ? known : sms / s), k_super, s);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }
   return fused_gemm_plan_with_splits(N, K, (int)best);
