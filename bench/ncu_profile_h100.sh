@@ -13,7 +13,7 @@ for c in "${CASES[@]}"; do
   set -- $c
   tag="n$1_k$2_m$3_p$4"
   echo; echo "=== $c (N K M path; 0 = direct, 2 = re-associated, dq<S> = dequant kernel, S superchunks per block)"
-  timeout 150 ncu --clock-control none --kernel-name regex:'reassoc|decode_gemm|dequant_kernel|fused_gemm' --launch-skip 3 --launch-count 1 \
+  timeout 150 ncu --clock-control none --kernel-name regex:'reassoc|decode_gemm|dequant_kernel|dequant_wgmma_kernel|fused_gemm' --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
     --section SourceCounters --import-source no -f -o "$SCRATCH/$tag" python3 bench/ncu_decode.py $1 $2 $3 $4 \
     > "$SCRATCH/$tag.log" 2>&1 || { echo "ncu failed"; tail -5 "$SCRATCH/$tag.log"; continue; }

@@ -84,11 +84,15 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
 // tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
 // fills at least half of it, up to M = 512 at 4 bits (kFusedMaxM4), where the 192- and 256-token tiles have a
-// producer warpgroup and their ring is handed over by halves. At r <= 32 that second clause alone, from M = 129
-// on and at 4 bits: the 256-token tile (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 / 29.0 us against
-// 32.2 / 33.3 / 36.2 for dequantize + cuBLAS; at M <= 128 dequantize + cuBLAS wins, 31.5 against 32.6 at M = 128;
-// H100, sessions 11 and 15). M = 384 / 512 (session 16, bench/h100/session16): 4096x4096 r = 32 37.0 / 39.3 us
-// against 37.8 / 43.0, 4096x14336 r = 49 118.2 / 135.8 against 149.5 / 152.1; not where the tiles take two waves
+// producer warpgroup and their ring is handed over by halves. At r <= 32 that second clause alone, at 4 bits,
+// from M = 17 on (4096x4096 r = 32, M = 24 / 48 / 64 / 96 / 128: 18.2 / 18.6 / 19.0 / 21.4 / 21.8 us against
+// 27.0 / 27.0 / 27.3 / 27.5 / 31.3 for dequantize + cuBLAS and 23.7 / 26.7 / 27.5 / 27.6 / 31.2 for the automatic op
+// before, H100, session 17, bench/h100/session17/fused_r32_small_m_ab; since session 15 every 4-bit tile has a
+// producer warpgroup), above 128 tokens the 256-token tile (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 /
+// 29.0 us against 32.2 / 33.3 / 36.2 for dequantize + cuBLAS; H100, session 15; until session 17 the rule kept r <= 32
+// at M <= 128 on dequantize + cuBLAS after session 11's 32.6 against 31.5 at M = 128, before the producers).
+// M = 384 / 512 (session 16, bench/h100/session16): 4096x4096 r = 32 37.0 / 39.3 us against 37.8 / 43.0,
+// 4096x14336 r = 49 118.2 / 135.8 against 149.5 / 152.1; not where the tiles take two waves
 // (14336x4096: 135-157 against 141-174, left to dequantize + cuBLAS) or split-K fills less than half the GPU
 // (1024x4096 r = 12: 20.1 against 14.9 / 16.2). The Python dispatch applies the same rule
 // (lords_ext/backends/dispatch.py, fused_gemm_first, with the measurements). Elsewhere the decode kernels up to
@@ -96,7 +100,7 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 constexpr int kFusedMaxM = 256, kFusedMaxM4 = 512;
 inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits) {
   if (M < kFusedMinM || M > (bits == 4 ? kFusedMaxM4 : kFusedMaxM) || r > kFusedMaxRank) return false;
-  if (r <= 32 && (M <= 128 || bits != 4)) return false;
+  if (r <= 32 && bits != 4) return false;
   const long row_blocks = (N + 127) / 128;
   if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;
   if (M <= kDecodeMaxM) return false;

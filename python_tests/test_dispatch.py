@@ -44,7 +44,7 @@ def fused_ready(hopper, monkeypatch):
     (32, 49, 4096, 14336, "cuda"),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
     (128, 64, 4096, 14336, "cuda"),
     (64, 49, 4096, 1024, "triton"),  # 8 tiles: even 4 splits leave most SMs idle
-    (32, 32, 4096, 14336, "triton"),  # r <= 32: not measured faster
+    (32, 32, 4096, 14336, "cuda"),    # r <= 32 at 4 bits: from M = 17 on
     (16, 49, 4096, 14336, "cuda"),   # the 16-token tile from M = 6 where N fills the GPU
     (6, 49, 4096, 14336, "cuda"),
     (5, 49, 4096, 14336, "cuda"),    # the decode kernels (POLICY's row, not the fused GEMM)
@@ -75,7 +75,12 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (384, 49, 4096, 14336, False),   # 224 tiles of 192 or 256 tokens: two waves
     (256, 32, 14336, 4096, True),    # r <= 32 from M = 129 on: the 256-token tile, 32 tiles, split-K fills the GPU
     (160, 16, 4096, 14336, True),
-    (128, 32, 14336, 4096, False),   # r <= 32 up to M = 128: dequantize + cuBLAS
+    (128, 32, 14336, 4096, True),    # r <= 32 from 17 tokens on at 4 bits: 32 tiles, split-K fills the GPU
+    (65, 32, 14336, 4096, True),
+    (64, 32, 14336, 4096, True),
+    (17, 12, 14336, 4096, True),
+    (16, 32, 14336, 4096, False),    # the decode kernels
+    (64, 12, 4096, 1024, False),     # 8 tiles
     (256, 32, 4096, 1024, False),    # 8 tiles
 ])
 def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
@@ -93,6 +98,8 @@ def test_fused_gemm_rule_reads_bits(fused_ready):
     assert dispatch.fused_token_tile(512, 49, 4096, 14336, 132, bits=3) == 128
     assert dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336)
     assert not dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336, bits=2)
+    assert dispatch.fused_gemm_first(cuda, 64, 32, 4096, 14336)
+    assert not dispatch.fused_gemm_first(cuda, 64, 32, 4096, 14336, bits=3)
     assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
     assert dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096)
     assert not dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096, bits=3)  # above 256 tokens at 4 bits only

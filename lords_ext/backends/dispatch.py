@@ -8,7 +8,7 @@ Order of decisions:
    token count M that is available and supports the call; the reference backend closes every list.
    Before POLICY, dequant_matmul takes CUDA first where its fused wgmma GEMM wins (fused_gemm_first
    below: 32 < r <= 64 with 16 < M <= 128 and N filling the GPU with 128-row blocks, or 64 < M <= 256 (512
-   at 4 bits) and its tiles in one wave; sm_90a build on a 9.0 GPU).
+   at 4 bits; at r <= 32 from M = 17 at 4 bits) and its tiles in one wave; sm_90a build on a 9.0 GPU).
    Where K (the weight's input features) is not a multiple of 128, Triton goes before CUDA
    (CUDA_K_MULTIPLE below).
 
@@ -58,7 +58,8 @@ Session 9 gave the re-associated kernel an sm_90a wgmma variant (`bash bench/cud
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
 csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 for 16 < r <= 64, up to
 M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between, except where the fused wgmma GEMM goes first
-(below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12). GPUs before sm_80 get no fused kernel.
+(below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12;
+r <= 32 at 4 bits from M = 17, session 17). GPUs before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
@@ -105,10 +106,14 @@ def forced() -> str | None:
 #                       M=64: 55.2 / 101.2 / 116.7   M=128: 59.6 / 150.4 / 117.7   M=192: 87.0 / 156.8 / 120.7
 #     4096x14336 r=49   M=16: 59.0 / 73.8 / 115.1 (decode 54.0: not taken)   M=32: 63.5 / 79.8 / 115.3
 #                       M=64: 63.1 / 90.6 / 116.3   M=128: 66.9 / 152.4 / 120.0   M=256: 106.1 / 169.9 / 129.6
-# At r <= 32 only from M = 129 on at 4 bits, where the 256-token tile has a producer warpgroup (session 15,
-# bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2; below, dequantize
-# + cuBLAS wins (4096x4096 M=128: 32.6 / 37.9 / 31.7, session 11). 14336x4096 at M = 256 takes 256-token tiles at
-# 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize + cuBLAS (two waves of 128-token tiles: 118.7).
+# At r <= 32 and 4 bits from M = 17 on (every 4-bit tile has a producer warpgroup since session 15; session 17,
+# bench/h100/session17/fused_r32_small_m_ab): 4096x4096 r=32 M=24: 18.2 / - / 27.0 (op before, Triton first: 23.7)
+# M=48: 18.6 / - / 27.0 (26.7)   M=64: 19.0 / - / 27.3 (27.5)   M=96: 21.4 / - / 27.5   M=128: 21.8 / - / 31.3; not
+# 1024x4096 r=12 (8 tiles: M=64 12.7 against 12.3 for the op). Above 128 tokens the 256-token tile (session 15,
+# bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2. (Until session 17
+# the rule took r <= 32 from M = 129 only, after session 11's 4096x4096 M=128: 32.6 / 37.9 / 31.7, before producers.)
+# 14336x4096 at M = 256 takes 256-token tiles at 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize
+# + cuBLAS (two waves of 128-token tiles: 118.7).
 # Up to M = 512 at 4 bits (session 16, bench/h100/session16, after the ring handed over by halves and the token tile
 # chosen by estimated time): 4096x4096 r=32 M=384: 37.0 / - / 37.8   M=512: 39.3 / - / 43.0; 4096x14336 r=49
 # M=384: 118.2 / - / 149.5   M=512: 135.8 / - / 152.1; not taken where the tiles need two waves (14336x4096 M=512:
@@ -132,13 +137,13 @@ def _sm_count(device: torch.device) -> int:
 def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None,
                      bits: int = 4) -> bool:
     """csrc/lords_kernels.h, fused_gemm_preferred. The dispatch does not see the code width and asks with
-    bits = 4; the clauses that read it (r <= 32 from M = 129 on, M up to 512) lie where POLICY puts CUDA first
+    bits = 4; the clauses that read it (r <= 32 from M = 17 on, M up to 512) lie where POLICY puts CUDA first
     anyway, so the backend order is the same at every width."""
     if device.type != "cuda" or N is None or K is None or rank is None:
         return False
     if not (FUSED_M[0] <= M <= (FUSED_M4_MAX if bits == 4 else FUSED_M[1]) and 1 <= rank <= FUSED_RANK[1]):
         return False
-    if rank < FUSED_RANK[0] and (M <= 128 or bits != 4):
+    if rank < FUSED_RANK[0] and bits != 4:
         return False
     if K % CUDA_K_MULTIPLE:
         return False
