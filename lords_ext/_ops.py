@@ -82,8 +82,8 @@ def check_bias(bias: torch.Tensor | None, N: int, qweight: torch.Tensor) -> None
         raise ValueError(f"bias: expected device {qweight.device} (that of qweight), got {bias.device}")
 
 
-def _backend(op: str, t: torch.Tensor, M: int, rank: int, K: int, N: int | None = None):
-    return backends.get(dispatch.choose(op, t, M, rank, K, N))
+def _backend(op: str, t: torch.Tensor, M: int, rank: int, K: int, N: int | None = None, bits: int = 4):
+    return backends.get(dispatch.choose(op, t, M, rank, K, N, bits))
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -127,7 +127,7 @@ torch.library.register_autograd("lords::dequant", _dequant_backward, setup_conte
 
 @torch.library.impl(_lib, "dequant_matmul", "CompositeExplicitAutograd")
 def _dequant_matmul(x, qweight, B, A, codebook, bias=None):
-    check_weight(qweight, B, A, codebook)
+    bits = check_weight(qweight, B, A, codebook)
     N, K = B.shape[0], A.shape[1]
     check_activation(x, "x", K, "K (in_features)", qweight)
     check_bias(bias, N, qweight)
@@ -135,7 +135,7 @@ def _dequant_matmul(x, qweight, B, A, codebook, bias=None):
     x2d = x.contiguous() if flat else x.reshape(-1, K).contiguous()
     if x2d.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], N))
-    y = _backend("dequant_matmul", x2d, x2d.shape[0], B.shape[1], A.shape[1], B.shape[0]).dequant_matmul(
+    y = _backend("dequant_matmul", x2d, x2d.shape[0], B.shape[1], A.shape[1], B.shape[0], bits).dequant_matmul(
         x2d, _c(qweight), _c(B), _c(A), _c(codebook), _c(bias)
     )
     return y if flat else y.reshape(*x.shape[:-1], N)

@@ -100,6 +100,10 @@ def test_fused_gemm_rule_reads_bits(fused_ready):
     assert not dispatch.fused_gemm_first(cuda, 256, 32, 4096, 14336, bits=2)
     assert dispatch.fused_gemm_first(cuda, 64, 32, 4096, 14336)
     assert not dispatch.fused_gemm_first(cuda, 64, 32, 4096, 14336, bits=3)
+    # The op passes the code width on: 2- and 3-bit weights keep POLICY's order (Triton first up to M = 64).
+    assert dispatch.candidates(cuda, 32, 32, 4096, 14336)[0] == "cuda"
+    assert dispatch.candidates(cuda, 32, 32, 4096, 14336, bits=2)[0] == "triton"
+    assert dispatch.candidates(cuda, 32, 49, 4096, 14336, bits=3)[0] == "cuda"  # r > 32: every width
     assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
     assert dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096)
     assert not dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096, bits=3)  # above 256 tokens at 4 bits only
@@ -181,9 +185,9 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
     calls = []
     real = dispatch._choose
 
-    def counting(op, t, M, rank, K=None, N=None):
+    def counting(op, t, M, rank, K=None, N=None, bits=4):
         calls.append((op, M, rank))
-        return real(op, t, M, rank, K, N)
+        return real(op, t, M, rank, K, N, bits)
 
     monkeypatch.setattr(dispatch, "_choose", counting)
     monkeypatch.delenv("LORDS_BACKEND", raising=False)
@@ -199,29 +203,32 @@ def test_choose_is_cached_per_signature_and_env(monkeypatch):
     dispatch.choose("dequant_matmul", x, 3, 8, 576)     # K off the 128-wide superchunk: decided anew
     dispatch.choose("dequant_matmul", x, 3, 8, 4096)    # a multiple of 128: the same answer as K unknown
     assert len(calls) == 5
+    dispatch.choose("dequant_matmul", x, 3, 8, None, None, 2)  # another code width (the fused GEMM rule reads it)
+    dispatch.choose("grad_x", x, 3, 8, None, None, 2)           # ... for dequant_matmul only
+    assert len(calls) == 6
     monkeypatch.setenv("LORDS_BACKEND", "reference")    # the override is part of the key
-    assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference" and len(calls) == 6
+    assert dispatch.choose("dequant_matmul", x, 3, 8) == "reference" and len(calls) == 7
     monkeypatch.setenv("LORDS_BACKEND", "triton")        # errors are raised again, never cached
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="LORDS_BACKEND=triton"):
             dispatch.choose("dequant_matmul", x, 3, 8)
-    assert len(calls) == 8
+    assert len(calls) == 9
     dispatch.clear_cache()
 
 
 def test_public_ops_pass_k_to_the_dispatch(monkeypatch):
     """The K rule needs the weight's input features from every public op (A.shape[1], odd here), the fused
-    GEMM rule the output features from dequant_matmul."""
+    GEMM rule the output features and the code width from dequant_matmul."""
     import lords_ext  # noqa: F401  (registers torch.ops.lords.*)
     from lords_ext.formats import get_codebook, pack
 
     seen = []
     real = dispatch.choose
 
-    def spy(op, t, M, rank=None, K=None, N=None):
-        seen.append((op, M, rank, K, N))
-        return real(op, t, M, rank, K, N)
+    def spy(op, t, M, rank=None, K=None, N=None, bits=4):
+        seen.append((op, M, rank, K, N, bits))
+        return real(op, t, M, rank, K, N, bits)
 
     monkeypatch.setattr(dispatch, "choose", spy)
     monkeypatch.delenv("LORDS_BACKEND", raising=False)
@@ -233,7 +240,9 @@ def test_public_ops_pass_k_to_the_dispatch(monkeypatch):
     x = torch.randn(5, K, requires_grad=True)
     torch.ops.lords.dequant(q, B.detach(), A.detach(), cb)
     torch.ops.lords.dequant_matmul(x, q, B, A, cb, None).sum().backward()
-    ops = {op: (M, rank, k) for op, M, rank, k, _ in seen}
+    ops = {op: (M, rank, k) for op, M, rank, k, _, _ in seen}
     assert ops["dequant"] == (N, r, K) and ops["dequant_matmul"] == (5, r, K)
-    assert [n for op, *_, n in seen if op == "dequant_matmul"] == [N]  # the fused GEMM rule needs N
+    assert [(n, b) for op, *_, n, b in seen if op == "dequant_matmul"] == [(N, 4)]  # the fused GEMM rule's N, bits
+    torch.ops.lords.dequant_matmul(x.detach(), pack(codes % 4, 2), B.detach(), A.detach(), get_codebook("nf2")[0], None)
+    assert [b for op, *_, b in seen if op == "dequant_matmul"] == [4, 2]
     assert ops["grad_x"][2] == K and ops["grad_scales"][2] == K

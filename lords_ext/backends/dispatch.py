@@ -136,9 +136,8 @@ def _sm_count(device: torch.device) -> int:
 
 def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None,
                      bits: int = 4) -> bool:
-    """csrc/lords_kernels.h, fused_gemm_preferred. The dispatch does not see the code width and asks with
-    bits = 4; the clauses that read it (r <= 32 from M = 17 on, M up to 512) lie where POLICY puts CUDA first
-    anyway, so the backend order is the same at every width."""
+    """csrc/lords_kernels.h, fused_gemm_preferred, for codes of `bits` bits (the clauses at r <= 32 and above
+    M = 256 hold at 4 bits only: there the 2- and 3-bit fused tiles have no producer warpgroup)."""
     if device.type != "cuda" or N is None or K is None or rank is None:
         return False
     if not (FUSED_M[0] <= M <= (FUSED_M4_MAX if bits == 4 else FUSED_M[1]) and 1 <= rank <= FUSED_RANK[1]):
@@ -197,10 +196,10 @@ CUDA_K_MULTIPLE = 128
 
 
 def candidates(device: torch.device, M: int, rank: int | None = None, K: int | None = None,
-               N: int | None = None) -> tuple[str, ...]:
+               N: int | None = None, bits: int = 4) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)
-    if fused_gemm_first(device, M, rank, K, N):
+    if fused_gemm_first(device, M, rank, K, N, bits):
         return ("cuda", "triton", "reference")
     cc = torch.cuda.get_device_capability(device)
     for min_cc, max_m, max_r, order in POLICY:
@@ -217,12 +216,12 @@ _chosen: dict = {}
 
 
 def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | None = None,
-           N: int | None = None) -> str:
+           N: int | None = None, bits: int = 4) -> str:
     """Name of the backend that runs `op` for tensor `t` (x, grad_y or qweight) with M rows, scale
-    rank `rank`, K input features (the weight's columns) and N output features (dequant_matmul only: the
-    fused GEMM rule above).
+    rank `rank`, K input features (the weight's columns), and N output features and the code width `bits`
+    (dequant_matmul only: the fused GEMM rule above).
 
-    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, N for dequant_matmul, LORDS_BACKEND,
+    Answers are cached per (op, device, dtype, M, rank, K % 128 == 0, N and bits for dequant_matmul, LORDS_BACKEND,
     TRITON_INTERPRET; K itself moves only the fused GEMM's token tile above 128 tokens, where CUDA goes first
     whatever the tile): the
     decision reads the GPU's properties several times, which cost ~60 us of host time per op call
@@ -230,11 +229,11 @@ def choose(op: str, t: torch.Tensor, M: int, rank: int | None = None, K: int | N
     not cached. `clear_cache()` forgets the answers (after changing POLICY at run time)."""
     env = os.environ
     k_full = K is None or K % CUDA_K_MULTIPLE == 0
-    n = N if op == "dequant_matmul" else None  # only the fused GEMM rule reads N
-    key = (op, t.device, t.dtype, M, rank, k_full, n, env.get(ENV), env.get("TRITON_INTERPRET"))
+    n, b = (N, bits) if op == "dequant_matmul" else (None, 4)  # only the fused GEMM rule reads N and bits
+    key = (op, t.device, t.dtype, M, rank, k_full, n, b, env.get(ENV), env.get("TRITON_INTERPRET"))
     name = _chosen.get(key)
     if name is None:
-        name = _choose(op, t, M, rank, K, n)
+        name = _choose(op, t, M, rank, K, n, b)
         if len(_chosen) > 4096:  # many distinct token counts (generation with growing batches)
             _chosen.clear()
         _chosen[key] = name
@@ -245,7 +244,8 @@ def clear_cache() -> None:
     _chosen.clear()
 
 
-def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = None, N: int | None = None) -> str:
+def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = None, N: int | None = None,
+            bits: int = 4) -> str:
     name = forced()
     if name is not None:
         mod = get(name)
@@ -256,7 +256,7 @@ def _choose(op: str, t: torch.Tensor, M: int, rank: int | None, K: int | None = 
                 f"{ENV}={name}: that backend does not support {op} for a {t.dtype} tensor on {t.device} (M={M})"
             )
         return name
-    for name in candidates(t.device, M, rank, K, N):
+    for name in candidates(t.device, M, rank, K, N, bits):
         mod = get(name)
         if mod is not None and hasattr(mod, op) and mod.available() and mod.supports(op, t, M):
             return name
