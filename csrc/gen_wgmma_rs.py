@@ -6,8 +6,8 @@ header is generated rather than spelled out by hand:  python3 csrc/gen_wgmma_rs.
 from pathlib import Path
 
 WIDTHS = (16, 32, 48, 56, 64, 128, 192, 256)  # column tiles 2, 4, 6, 7, 8 of reassoc_gemv.cu; token tiles 64, 128, 192, 256 of fused_gemm.cu
-# The scale tile: one k-tile of the fused GEMM (16), half a superchunk of the Hopper dequantize kernel (64).
-TRANS_B_WIDTHS = (16, 64)
+# The scale tile: one k-tile of the fused GEMM (16; bench/wip/dequant_wgmma.patch adds 64 for its kernel).
+TRANS_B_WIDTHS = (16,)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 
 
@@ -32,7 +32,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t saddr, uint32_t lbo, uint
 
 def one(ctype: str, ptx: str, n: int, trans_b: bool = False) -> str:
     """WgmmaRS: B K-major, always accumulate. WgmmaRSTransB (trans_b): B MN-major (imm-trans-b = 1) and a
-    run-time scale-d, the scale tile of csrc/fused_gemm.cu and csrc/dequant_wgmma.cu."""
+    run-time scale-d, the scale tile of csrc/fused_gemm.cu."""
     nd = n // 2  # fp32 accumulators per thread: 64 x n over 128 threads
     dlist = ", ".join(f"%{i}" for i in range(nd))
     alist = ", ".join(f"%{nd + i}" for i in range(4))

@@ -1,5 +1,5 @@
-// The scale tile on wgmma (sm_90a), shared by the fused GEMM (fused_gemm.cu) and the Hopper dequantize kernel
-// (dequant_wgmma.cu): S[64 rows, positions] = B[64 rows, 16 ranks] @ A[16 ranks, positions] per rank chunk, B rows
+// The scale tile on wgmma (sm_90a), for the fused GEMM (fused_gemm.cu) and any other kernel that rebuilds it the
+// same way (the dequantize kernel of bench/wip/dequant_wgmma.patch): S[64 rows, positions] = B[64 rows, 16 ranks] @ A[16 ranks, positions] per rank chunk, B rows
 // from registers (load_B_frags, the A-operand layout of wgmma's register form), A[:, superchunk] in shared memory
 // in the MN-major layout below, read by the tensor cores through a descriptor.
 #pragma once
