@@ -280,9 +280,10 @@ def describe(device: torch.device | None = None) -> str:
 
         if cuda_backend.fused_gemm_ready(device):
             n_min = -(-4 * _sm_count(device) // 5) * 128
-            lines.append(f"  fused wgmma GEMM (CUDA) first for {FUSED_M[0]} <= M <= {FUSED_M[1]} "
-                         f"({FUSED_M4_MAX} at 4 bits), "
-                         f"{FUSED_RANK[0]} <= r <= {FUSED_RANK[1]}, N >= {n_min}")
+            lines.append(f"  fused wgmma GEMM (CUDA) first: {FUSED_RANK[0]} <= r <= {FUSED_RANK[1]} with "
+                         f"{FUSED_M[0]} <= M <= 128 and N >= {n_min}; {CUDA_DECODE_MAX_M + 1} <= M <= {FUSED_M[1]} "
+                         f"({FUSED_M4_MAX} at 4 bits) where its tiles fit one wave, at 4 bits for every "
+                         f"r <= {FUSED_RANK[1]}")
         else:
             lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
     if forced():
