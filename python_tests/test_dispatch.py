@@ -73,7 +73,7 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (512, 49, 14336, 4096, True),    # 64 tiles of 256 tokens
     (513, 49, 14336, 4096, False),
     (384, 49, 4096, 14336, False),   # 224 tiles of 192 or 256 tokens: two waves
-    (256, 32, 14336, 4096, True),    # r <= 32 from M = 129 on: the 256-token tile, 32 tiles, split-K fills the GPU
+    (256, 32, 14336, 4096, True),    # r <= 32 above 128 tokens: the 256-token tile, 32 tiles, split-K fills the GPU
     (160, 16, 4096, 14336, True),
     (128, 32, 14336, 4096, True),    # r <= 32 from 17 tokens on at 4 bits: 32 tiles, split-K fills the GPU
     (65, 32, 14336, 4096, True),

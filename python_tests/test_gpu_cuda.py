@@ -244,7 +244,7 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
 
 def fused_rule(M, N, K, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
-    if not (6 <= M <= 512 and 1 <= r <= 64) or (r <= 32 and M <= 16):  # M > 256 and r <= 32: 4 bits, as here
+    if not (6 <= M <= 512 and 1 <= r <= 64):  # M > 256 and r <= 32 at 4 bits only: the weights here are 4-bit
         return False
     row_blocks = -(-N // 128)
     if r > 32 and M <= 128 and row_blocks * 5 >= 4 * sms:

@@ -58,8 +58,8 @@ Session 9 gave the re-associated kernel an sm_90a wgmma variant (`bash bench/cud
 (CUDA at M = 1 with 16 < r <= 64 is the re-associated kernel, csrc/reassoc_gemv.cu; above M = 16 it is
 csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 for 16 < r <= 64, up to
 M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between, except where the fused wgmma GEMM goes first
-(below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12;
-r <= 32 at 4 bits from M = 17, session 17). GPUs before sm_80 get no fused kernel.
+(below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12; r <= 32 at 4 bits from M = 17, session 17). GPUs
+before sm_80 get no fused kernel.
 """
 from __future__ import annotations
 
