@@ -14,7 +14,9 @@ CASES = [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 
 CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 1024, 17, 2, 4),
            (40, 130, 4096, 32, 4, 4), (100, 260, 4096, 49, 4, 4),
            # the producer warpgroup at 192 / 256 tokens (setmaxnreg) and the two-slot ring of 256 tokens above r = 32
-           (192, 8576, 1024, 40, 4, 4), (256, 8576, 1024, 49, 4, 4), (260, 300, 1024, 20, 4, 4)]
+           (192, 8576, 1024, 40, 4, 4), (256, 8576, 1024, 49, 4, 4), (260, 300, 1024, 20, 4, 4),
+           # the 16- and 64-token tiles' whole-superchunk scale (4 bits; 64 tokens above r = 32), rings wrapping
+           (12, 300, 4096, 49, 4, 4), (3, 520, 1024, 20, 4, 4), (50, 300, 4096, 49, 4, 4)]
           if "fused_gemm_ready=1" in torch.ops.lords.cuda_features() else [])
 for (M, N, K, r, bits, path) in CASES:
     g = torch.Generator().manual_seed(M)

@@ -293,6 +293,12 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   // two whole slots the consumers waited on `full` for 17-23 % of their stall samples). H100, session 16: 14336x4096
   // r = 49 at 192 / 256 tokens 87.5 -> 67.4 / 94.1 -> 80.5 us, 4096x4096 r = 32 at 256 tokens 28.8 -> 27.3.
   constexpr bool kHalves = WS && kRing == 2;
+  // The 16-token tile, and the 64-token tile above r = 32 (4 bits), compute a superchunk's scale tile in two wgmma
+  // groups up front (below). H100, session 18, bench/h100/session18/whole_scale_ab (fused GEMM alone, us): r = 49
+  // 14336x4096 at 2 / 16 / 64 tokens 49.1 / 49.4 / 54.7 -> 47.5 / 48.2 / 51.6, 4096x14336 56.8 / 56.1 / 62.3 -> 53.9 /
+  // 52.8 / 57.7; at r = 32 (4096x4096) the 64-token tile got 1.5 % slower (18.9 -> 19.1), the 16-token one the same.
+  constexpr bool kWholeScale = NAT && (NTOK == 16 || (NTOK == 64 && RT == 4));
+  static_assert(!kWholeScale || (WS && !kHalves), "the whole-superchunk scale releases whole slots");
   constexpr int kBars = kHalves ? 2 * kRing : kRing;
   extern __shared__ uint4 smem_dyn[];
   __shared__ float lut[16];
@@ -443,6 +449,48 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
       const uint64_t xbase = x_base_desc(slot);
+      if constexpr (kWholeScale) {
+        // The superchunk's whole scale tile first, as two groups (k-tiles 0-3, 4-7; m64n64k16 per 16 ranks), then
+        // the eight products: the warps wait for a scale group twice per superchunk instead of once per k-tile.
+        // Group order: S[0], S[1], main(0), main(1), ...: at k-tile 4 `wait<2>` retires S[1] (and every main but
+        // the last two), at k-tiles 5-7 it keeps two mains in flight (their W fragments stay live until retired).
+        const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
+        uint64_t sdesc[2][RT];  // before the fence (computed between wgmma.fence and a wgmma, ptxas serializes)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int c = 0; c < RT; ++c) sdesc[h][c] = a_mn_desc(abase, 4 * h, c);
+        float sw[2][32];
+        wgmma_fence();
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int c = 0; c < RT; ++c) WgmmaRSTransB<T, 64>::run(sw[h], bf[c], sdesc[h][c], c);
+          wgmma_commit();
+        }
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          float lv[8];
+          if constexpr (PAIRS)
+            lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+          else
+            lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+          if (s == 0) wgmma_wait<1>();  // S[0]
+          if (s >= 4) wgmma_wait<2>();  // S[1] at s = 4; then main(s - 3) and older
+          float* sv = &sw[s / 4][8 * (s % 4)];
+          // sw was written behind the compiler's back: no read of it may move above the wait.
+#pragma unroll
+          for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sv[i])::"memory");
+          uint32_t wf[4];
+          pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sv[0]), reinterpret_cast<const float(&)[4]>(sv[4]));
+          wgmma_fence();
+          WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
+          wgmma_commit();
+        }
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(empty_s + 8 * (sc % kRing));  // this warp is done with the slot
+        return;
+      }
       if constexpr (NAT) {
         const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
         // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The

@@ -223,6 +223,9 @@ def fused_gemm_ready() -> bool:
         (150, 4096, 4096, 49),  # 32 tiles of 192 tokens in three splits at 4 bits (fused_token_tile's cost model)
         (300, 256, 1024, 12),  # two row blocks, the second 256-token tile 44 tokens deep
         (150, 8704, 1024, 49),  # 68 row blocks: one wave of 192-token tiles
+        (16, 300, 4096, 33),  # 16-token tile over 32 superchunks: the four-slot ring wraps
+        (5, 2000, 4096, 64),
+        (40, 1001, 2048, 49),  # 64-token tile above r = 32 (whole-superchunk scale at 4 bits), N odd
     ],
 )
 def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
