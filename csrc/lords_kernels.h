@@ -72,38 +72,42 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 constexpr int kFusedMaxRank = 64;
 constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
 constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
-constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM (fused_gemm_preferred)
+constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM at 2 and 3 bits
+constexpr int kFusedMinM4 = 2;       // ... at 4 bits (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
 // Tokens per block: 16, 64, 128, 192 (r > 32) or 256 (r <= 32, or at 4 bits).
 int fused_token_tile(int M, int r, long N, long K, int sms, int bits);
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
-// Where path -1 takes it (where it fits), 32 < r <= 64: kFusedMinM <= M <= 128 where N is large enough that the
-// 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; from 6 tokens on with the 16-token
-// tile, which beats the decode kernels there); and 16 < M <= 256 where the tiles (128 rows x fused_token_tile
-// tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters counted as they fit, fused_gemm_plan)
-// fills at least half of it, up to M = 512 at 4 bits (kFusedMaxM4), where the 192- and 256-token tiles have a
-// producer warpgroup and their ring is handed over by halves. At r <= 32 that second clause alone, at 4 bits,
-// from M = 17 on (4096x4096 r = 32, M = 24 / 48 / 64 / 96 / 128: 18.2 / 18.6 / 19.0 / 21.4 / 21.8 us against
-// 27.0 / 27.0 / 27.3 / 27.5 / 31.3 for dequantize + cuBLAS and 23.7 / 26.7 / 27.5 / 27.6 / 31.2 for the automatic op
-// before, H100, session 17, bench/h100/session17/fused_r32_small_m_ab; since session 15 every 4-bit tile has a
-// producer warpgroup), above 128 tokens the 256-token tile (4096x4096 r = 32, M = 160 / 192 / 256: 27.1 / 27.6 /
-// 29.0 us against 32.2 / 33.3 / 36.2 for dequantize + cuBLAS; H100, session 15; until session 17 the rule kept r <= 32
-// at M <= 128 on dequantize + cuBLAS after session 11's 32.6 against 31.5 at M = 128, before the producers).
-// M = 384 / 512 (session 16, bench/h100/session16): 4096x4096 r = 32 37.0 / 39.3 us against 37.8 / 43.0,
-// 4096x14336 r = 49 118.2 / 135.8 against 149.5 / 152.1; not where the tiles take two waves
-// (14336x4096: 135-157 against 141-174, left to dequantize + cuBLAS) or split-K fills less than half the GPU
-// (1024x4096 r = 12: 20.1 against 14.9 / 16.2). The Python dispatch applies the same rule
-// (lords_ext/backends/dispatch.py, fused_gemm_first, with the measurements). Elsewhere the decode kernels up to
-// kDecodeMaxM, then dequantize + cuBLAS.
+// Where path -1 takes it (where it fits), 32 < r <= 64: from kFusedMinM (kFusedMinM4 at 4 bits) to 128 tokens where
+// N is large enough that the 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); and where
+// the tiles (128 rows x fused_token_tile tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters
+// counted as they fit, fused_gemm_plan) fills at least half of it: from 17 to 256 tokens, to 512 at 4 bits
+// (kFusedMaxM4: the 192- and 256-token tiles have a producer warpgroup and their ring is handed over by halves),
+// and at 4 bits from kFusedSplitMinM4 tokens on (the 16-token tile with the whole-superchunk scale). At r <= 32
+// that second clause alone, at 4 bits. Elsewhere the decode kernels up to kDecodeMaxM, then dequantize + cuBLAS.
+// H100, us, automatic op before -> fused GEMM (bench/h100/session18/check_merged, whole_scale_ab):
+//   14336x4096 r = 49, M = 2 / 4: 49.3 / 49.9 -> 47.5 / 48.2 (the first clause from 2 tokens at 4 bits; M = 1 has
+//     the one-token kernels at 26.9)
+//   4096x4096 r = 32, M = 6 / 8 / 10 / 16: 16.0 / 17.6 / 25.1 / 24.7 against 16.3 / 16.4 / 16.4 / 16.5 (from 8)
+//   4096x14336 r = 49, M = 10 / 12 / 16: 50.5 / 51.8 / 54.2 against 52.3 / 52.3 / 52.2 (from 13)
+//   1024x4096 r = 12 (8 row blocks, split-K fills less than half the GPU): 8.6-9.1 against 10.3-10.6, not taken
+//   4096x4096 r = 32, M = 24 / 64 / 128 (session 17): 23.7 / 27.5 / 31.2 -> 18.2 / 19.0 / 21.8
+//   4096x4096 r = 32, M = 384 / 512 (session 16): 37.8 / 43.0 -> 37.0 / 39.3; 4096x14336 r = 49 149.5 / 152.1 ->
+//     118.2 / 135.8; not where the tiles take two waves (14336x4096: 135-157 against 141-174 for dequantize +
+//     cuBLAS) or split-K fills less than half the GPU (1024x4096 r = 12: 20.1 against 14.9 / 16.2).
+// The Python dispatch applies the same rule (lords_ext/backends/dispatch.py, fused_gemm_first).
 constexpr int kFusedMaxM = 256, kFusedMaxM4 = 512;
+constexpr int kFusedSplitMinM4[2] = {8, 13};  // r <= 32, r > 32
 inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits) {
-  if (M < kFusedMinM || M > (bits == 4 ? kFusedMaxM4 : kFusedMaxM) || r > kFusedMaxRank) return false;
-  if (r <= 32 && bits != 4) return false;
+  const bool four = bits == 4;
+  if (M < (four ? kFusedMinM4 : kFusedMinM) || M > (four ? kFusedMaxM4 : kFusedMaxM) || r > kFusedMaxRank)
+    return false;
+  if (r <= 32 && !four) return false;
   const long row_blocks = (N + 127) / 128;
   if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;
-  if (M <= kDecodeMaxM) return false;
+  if (M < (four ? kFusedSplitMinM4[r > 32] : kDecodeMaxM + 1)) return false;
   const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
   return tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;

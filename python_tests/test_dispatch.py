@@ -40,21 +40,24 @@ def fused_ready(hopper, monkeypatch):
     monkeypatch.setattr(dispatch, "_sm_count", lambda device: 132)
 
 
-@pytest.mark.parametrize("M,r,K,N,first", [
-    (32, 49, 4096, 14336, "cuda"),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
-    (128, 64, 4096, 14336, "cuda"),
-    (64, 49, 4096, 1024, "triton"),  # 8 tiles: even 4 splits leave most SMs idle
-    (32, 32, 4096, 14336, "cuda"),    # r <= 32 at 4 bits: from M = 17 on
-    (16, 49, 4096, 14336, "cuda"),   # the 16-token tile from M = 6 where N fills the GPU
-    (6, 49, 4096, 14336, "cuda"),
-    (5, 49, 4096, 14336, "cuda"),    # the decode kernels (POLICY's row, not the fused GEMM)
-    (16, 49, 14336, 4096, "cuda"),   # split-K at <= 16 tokens: the decode kernels
-    (32, 49, 576, 14336, "triton"),  # K off the superchunk
-    (32, 49, 4096, None, "triton"),  # N unknown
+@pytest.mark.parametrize("M,r,K,N,first,fused", [
+    (32, 49, 4096, 14336, "cuda", True),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
+    (128, 64, 4096, 14336, "cuda", True),
+    (64, 49, 4096, 1024, "triton", False),  # 8 tiles: even 4 splits leave most SMs idle
+    (32, 32, 4096, 14336, "cuda", True),    # r <= 32 at 4 bits: from M = 17 on
+    (16, 49, 4096, 14336, "cuda", True),    # the 16-token tile where N fills the GPU: from M = 2 at 4 bits
+    (6, 49, 4096, 14336, "cuda", True),
+    (2, 49, 4096, 14336, "cuda", True),
+    (1, 49, 4096, 14336, "cuda", False),    # the one-token kernels
+    (16, 49, 14336, 4096, "cuda", True),    # split-K at 4 bits: the 16-token tile from M = 13 above r = 32
+    (12, 49, 14336, 4096, "cuda", False),   # the decode kernels
+    (8, 32, 14336, 4096, "cuda", True),     # ... from M = 8 at r <= 32
+    (7, 32, 14336, 4096, "cuda", False),    # the decode kernels
+    (32, 49, 576, 14336, "triton", False),  # K off the superchunk
+    (32, 49, 4096, None, "triton", False),  # N unknown
 ])
-def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
+def test_fused_gemm_rule(fused_ready, M, r, K, N, first, fused):
     assert dispatch.candidates(torch.device("cuda"), M, r, K, N)[0] == first
-    fused = first == "cuda" and (M > 16 or (M >= 6 and N == 14336))
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused
 
 
@@ -64,7 +67,9 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (96, 64, 14336, 4096, True),
     (64, 49, 14336, 4096, True),     # 32 tiles in clusters of 3 (fused_gemm_plan counts the clusters that fit)
     (17, 49, 14336, 4096, True),
-    (16, 49, 14336, 4096, False),    # the decode kernels up to 16 tokens where split-K is needed
+    (16, 49, 14336, 4096, True),     # 32 tiles of 16 tokens at 4 bits (whole-superchunk scale), split-K fills
+    (13, 49, 14336, 4096, True),
+    (12, 49, 14336, 4096, False),    # the decode kernels
     (256, 49, 4096, 14336, True),    # 112 tiles of 256 tokens (4 bits; 224 of 128 or 192 would take two waves)
     (192, 49, 4096, 14336, True),    # 112 tiles of 192 tokens
     (160, 64, 4096, 14336, True),
@@ -79,7 +84,10 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first):
     (65, 32, 14336, 4096, True),
     (64, 32, 14336, 4096, True),
     (17, 12, 14336, 4096, True),
-    (16, 32, 14336, 4096, False),    # the decode kernels
+    (16, 32, 14336, 4096, True),     # the 16-token tile from 8 tokens at r <= 32
+    (8, 32, 14336, 4096, True),
+    (7, 32, 14336, 4096, False),     # the decode kernels
+    (16, 12, 4096, 1024, False),     # 8 tiles
     (64, 12, 4096, 1024, False),     # 8 tiles
     (256, 32, 4096, 1024, False),    # 8 tiles
 ])
@@ -107,6 +115,12 @@ def test_fused_gemm_rule_reads_bits(fused_ready):
     assert not dispatch.fused_gemm_first(cuda, 256, 49, 4096, 14336, bits=3)  # 224 tiles of 128: two waves
     assert dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096)
     assert not dispatch.fused_gemm_first(cuda, 512, 49, 14336, 4096, bits=3)  # above 256 tokens at 4 bits only
+    # Below 6 tokens, and below 17 where split-K is needed, at 4 bits only (the whole-superchunk scale).
+    assert dispatch.fused_gemm_first(cuda, 4, 49, 4096, 14336)
+    assert not dispatch.fused_gemm_first(cuda, 4, 49, 4096, 14336, bits=3)
+    assert dispatch.fused_gemm_first(cuda, 6, 49, 4096, 14336, bits=3)
+    assert dispatch.fused_gemm_first(cuda, 16, 49, 14336, 4096)
+    assert not dispatch.fused_gemm_first(cuda, 16, 49, 14336, 4096, bits=2)
 
 
 @pytest.mark.parametrize("M,r,N,K,tile", [

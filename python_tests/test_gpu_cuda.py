@@ -247,12 +247,12 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
 
 def fused_rule(M, N, K, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
-    if not (6 <= M <= 512 and 1 <= r <= 64):  # M > 256 and r <= 32 at 4 bits only: the weights here are 4-bit
+    if not (2 <= M <= 512 and 1 <= r <= 64):  # M < 6, M > 256, r <= 32 at 4 bits only: the weights here are 4-bit
         return False
     row_blocks = -(-N // 128)
     if r > 32 and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    if M <= 16:
+    if M < (13 if r > 32 else 8):
         return False
     tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, K, sms))
     return tiles <= sms and tiles * 8 >= sms
@@ -262,11 +262,14 @@ def fused_rule(M, N, K, r, sms):
                                           (48, 14336, 32, True), (200, 14336, 49, True), (96, 4096, 49, True),
                                           (200, 4096, 32, True), (100, 4096, 32, True), (256, 14336, 49, True),
                                           (200, 4096, 64, True), (200, 1024, 49, False), (150, 14336, 49, True),
-                                          (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, False),
-                                          (16, 4096, 49, False), (64, 1024, 49, False), (384, 4096, 49, True),
+                                          (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, True),
+                                          (2, 14336, 49, True), (12, 4096, 49, False),
+                                          (13, 4096, 49, True), (7, 4096, 32, False), (8, 4096, 32, True),
+                                          (16, 1024, 12, False),
+                                          (16, 4096, 49, True), (64, 1024, 49, False), (384, 4096, 49, True),
                                           (512, 4096, 32, True), (512, 1024, 12, False), (384, 14336, 49, False),
                                           (600, 4096, 32, False), (64, 4096, 32, True), (24, 4096, 16, True),
-                                          (16, 4096, 32, False), (80, 4096, 32, True), (40, 1024, 12, False)])
+                                          (16, 4096, 32, True), (80, 4096, 32, True), (40, 1024, 12, False)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
     elsewhere the decode kernel up to 16 tokens (path 0) and dequantize + cuBLAS above (path 1), both

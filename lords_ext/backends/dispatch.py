@@ -94,11 +94,12 @@ def forced() -> str | None:
 
 
 # The fused wgmma GEMM of the CUDA backend (csrc/fused_gemm.cu) goes first where it beats Triton, the decode
-# kernels and the CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 6 <= M <= 128 where
-# N is large enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs; 16-token
-# tiles up to M = 16), and for 16 < M <= 256 where its tiles (128 rows x 64, 128, 192 or 256 tokens) fit one wave and
-# split-K fills at least half of it (the kernel's plan counts the clusters of its split-K blocks that fit at
-# once). The CUDA op's automatic path applies the same rule (csrc/lords_kernels.h, fused_gemm_preferred). H100,
+# kernels and the CUDA dequantize + cuBLAS path, at 32 < r <= 64 and K a multiple of 128: for 6 <= M <= 128 (2 <= M
+# at 4 bits) where N is large enough that its 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x
+# SMs; 16-token tiles up to M = 16), and for 16 < M <= 256 where its tiles (128 rows x 64, 128, 192 or 256 tokens)
+# fit one wave and split-K fills at least half of it (the kernel's plan counts the clusters of its split-K blocks
+# that fit at once), at 4 bits from FUSED_SPLIT_M4_MIN tokens on. The CUDA op's automatic path applies the same
+# rule (csrc/lords_kernels.h, fused_gemm_preferred, with session 18's figures for the clauses below 17 tokens). H100,
 # session 12, `python -m bench.dequant_paths --no-dequant` (bench/h100/dequant_paths_session12_desc.json), us,
 # fused / Triton / dequantize + cuBLAS, and the decode kernels (op) up to M = 16:
 #     14336x4096 r=49   M=6: 50.6 / 80.9 / 115.8 (decode 51.7)   M=9: 50.3 / 82.2 / 115.3 (decode 55.6)
@@ -119,6 +120,13 @@ def forced() -> str | None:
 # M=384: 118.2 / - / 149.5   M=512: 135.8 / - / 152.1; not taken where the tiles need two waves (14336x4096 M=512:
 # 152-157 against 165-174 for dequantize + cuBLAS, a loss at M=1024: 320 against 257).
 FUSED_M = (6, 256)
+# At 4 bits the 16-token tile computes a superchunk's whole scale tile up front (session 18) and goes first from
+# 2 tokens where N fills the GPU (14336x4096 r=49 M=2 / 4: 47.5 / 48.2 us against 49.3 / 49.9 for the decode
+# kernels) and, split along K, from 8 tokens at r <= 32 (4096x4096 M=8 / 10: 16.4 / 16.4 against 17.6 / 25.1; M=6
+# 16.3 against 16.0) and from 13 above (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2);
+# bench/h100/session18/check_merged.
+FUSED_M4_MIN = 2  # csrc/lords_kernels.h, kFusedMinM4
+FUSED_SPLIT_M4_MIN = (8, 13)  # csrc/lords_kernels.h, kFusedSplitMinM4: r <= 32, r > 32
 FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
@@ -136,13 +144,16 @@ def _sm_count(device: torch.device) -> int:
 
 def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | None, N: int | None,
                      bits: int = 4) -> bool:
-    """csrc/lords_kernels.h, fused_gemm_preferred, for codes of `bits` bits (the clauses at r <= 32 and above
-    M = 256 hold at 4 bits only: there the 2- and 3-bit fused tiles have no producer warpgroup)."""
+    """csrc/lords_kernels.h, fused_gemm_preferred, for codes of `bits` bits (the clauses at r <= 32, below 6
+    and 17 tokens and above M = 256 hold at 4 bits only: the 2- and 3-bit fused tiles have no producer warpgroup
+    and no whole-superchunk scale)."""
     if device.type != "cuda" or N is None or K is None or rank is None:
         return False
-    if not (FUSED_M[0] <= M <= (FUSED_M4_MAX if bits == 4 else FUSED_M[1]) and 1 <= rank <= FUSED_RANK[1]):
+    four = bits == 4
+    if not ((FUSED_M4_MIN if four else FUSED_M[0]) <= M <= (FUSED_M4_MAX if four else FUSED_M[1])
+            and 1 <= rank <= FUSED_RANK[1]):
         return False
-    if rank < FUSED_RANK[0] and bits != 4:
+    if rank < FUSED_RANK[0] and not four:
         return False
     if K % CUDA_K_MULTIPLE:
         return False
@@ -153,7 +164,7 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     sms, row_blocks = _sm_count(device), -(-N // 128)
     if rank >= FUSED_RANK[0] and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    if M <= CUDA_DECODE_MAX_M:
+    if M < (FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] if four else CUDA_DECODE_MAX_M + 1):
         return False
     tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, K, sms, bits))
     return tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
@@ -281,9 +292,10 @@ def describe(device: torch.device | None = None) -> str:
         if cuda_backend.fused_gemm_ready(device):
             n_min = -(-4 * _sm_count(device) // 5) * 128
             lines.append(f"  fused wgmma GEMM (CUDA) first: {FUSED_RANK[0]} <= r <= {FUSED_RANK[1]} with "
-                         f"{FUSED_M[0]} <= M <= 128 and N >= {n_min}; {CUDA_DECODE_MAX_M + 1} <= M <= {FUSED_M[1]} "
-                         f"({FUSED_M4_MAX} at 4 bits) where its tiles fit one wave, at 4 bits for every "
-                         f"r <= {FUSED_RANK[1]}")
+                         f"{FUSED_M[0]} <= M <= 128 ({FUSED_M4_MIN} at 4 bits) and N >= {n_min}; "
+                         f"{CUDA_DECODE_MAX_M + 1} <= M <= {FUSED_M[1]} where its tiles fit one wave; at 4 bits "
+                         f"for every r <= {FUSED_RANK[1]}, up to M = {FUSED_M4_MAX} and from M = "
+                         f"{FUSED_SPLIT_M4_MIN[0]} (r <= 32) / {FUSED_SPLIT_M4_MIN[1]} (r > 32)")
         else:
             lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
     if forced():
