@@ -88,8 +88,8 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // and at 4 bits from kFusedSplitMinM4 tokens on (the 16-token tile with the whole-superchunk scale). At r <= 32
 // that second clause alone, at 4 bits. Elsewhere the decode kernels up to kDecodeMaxM, then dequantize + cuBLAS.
 // H100, us, automatic op before -> fused GEMM (bench/h100/session18/check_merged, whole_scale_ab):
-//   14336x4096 r = 49, M = 2 / 4: 49.3 / 49.9 -> 47.5 / 48.2 (the first clause from 2 tokens at 4 bits; M = 1 has
-//     the one-token kernels at 26.9)
+//   14336x4096 r = 49, M = 2 / 4: 49.3 / 49.9 -> 47.5 / 48.2 (the first clause from 2 tokens at 4 bits; a later
+//     run had 49.5 / 49.2 for both paths: at most a few per cent; M = 1 has the one-token kernels at 26.9)
 //   4096x4096 r = 32, M = 6 / 8 / 10 / 16: 16.0 / 17.6 / 25.1 / 24.7 against 16.3 / 16.4 / 16.4 / 16.5 (from 8)
 //   4096x14336 r = 49, M = 10 / 12 / 16: 50.5 / 51.8 / 54.2 against 52.3 / 52.3 / 52.2 (from 13)
 //   1024x4096 r = 12 (8 row blocks, split-K fills less than half the GPU): 8.6-9.1 against 10.3-10.6, not taken

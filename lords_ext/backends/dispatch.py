@@ -122,9 +122,9 @@ def forced() -> str | None:
 FUSED_M = (6, 256)
 # At 4 bits the 16-token tile computes a superchunk's whole scale tile up front (session 18) and goes first from
 # 2 tokens where N fills the GPU (14336x4096 r=49 M=2 / 4: 47.5 / 48.2 us against 49.3 / 49.9 for the decode
-# kernels) and, split along K, from 8 tokens at r <= 32 (4096x4096 M=8 / 10: 16.4 / 16.4 against 17.6 / 25.1; M=6
-# 16.3 against 16.0) and from 13 above (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2);
-# bench/h100/session18/check_merged.
+# kernels; 49.5 / 49.2 for both in a later run: at most a few per cent) and, split along K, from 8 tokens at
+# r <= 32 (4096x4096 M=8 / 10: 16.4 / 16.4 against 17.6 / 25.1; M=6 16.3 against 16.0) and from 13 above
+# (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2); bench/h100/session18/check_merged.
 FUSED_M4_MIN = 2  # csrc/lords_kernels.h, kFusedMinM4
 FUSED_SPLIT_M4_MIN = (8, 13)  # csrc/lords_kernels.h, kFusedSplitMinM4: r <= 32, r > 32
 FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
