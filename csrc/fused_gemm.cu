@@ -449,6 +449,20 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 
       const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
       const uint64_t xbase = x_base_desc(slot);
+      // 4 bits: the eight code values of k-tile s (no scale needed: they go before the wait for it) ...
+      [[maybe_unused]] auto look_up = [&](float (&lv)[8], int s) {
+        if constexpr (PAIRS)
+          lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+        else
+          lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+      };
+      // ... times the scale tile's eight values sv, which a wgmma wrote behind the compiler's back: no read of them
+      // may move above the wait for it.
+      [[maybe_unused]] auto scaled_weights = [&](uint32_t (&wf)[4], const float (&lv)[8], float* sv) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sv[i])::"memory");
+        pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sv[0]), reinterpret_cast<const float(&)[4]>(sv[4]));
+      };
       if constexpr (kWholeScale) {
         // The superchunk's whole scale tile first, as two groups (k-tiles 0-3, 4-7; m64n64k16 per 16 ranks), then
         // the eight products: the warps wait for a scale group twice per superchunk instead of once per k-tile.
@@ -471,18 +485,11 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
           float lv[8];
-          if constexpr (PAIRS)
-            lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
-          else
-            lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+          look_up(lv, s);
           if (s == 0) wgmma_wait<1>();  // S[0]
           if (s >= 4) wgmma_wait<2>();  // S[1] at s = 4; then main(s - 3) and older
-          float* sv = &sw[s / 4][8 * (s % 4)];
-          // sw was written behind the compiler's back: no read of it may move above the wait.
-#pragma unroll
-          for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sv[i])::"memory");
           uint32_t wf[4];
-          pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sv[0]), reinterpret_cast<const float(&)[4]>(sv[4]));
+          scaled_weights(wf, lv, &sw[s / 4][8 * (s % 4)]);
           wgmma_fence();
           WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
           wgmma_commit();
@@ -507,10 +514,7 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
           float lv[8];
-          if constexpr (PAIRS)
-            lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
-          else
-            lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+          look_up(lv, s);
           if (s == 0) {
             wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
             // so this warp is done with the previous superchunk's slot.
@@ -521,12 +525,8 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
             // Only main(s - 1) may be in flight: every wgmma reading the first half (k-tiles 0-3) is done.
             if (kHalves && s == 5 && lane == 0) mbar_arrive(empty_s + 8 * ((2 * sc) % kBars));
           }
-          // sacc was written behind the compiler's back: no read of it may move above the wait.
-#pragma unroll
-          for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sacc[s % 2][i])::"memory");
           uint32_t wf[4];
-          pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sacc[s % 2][0]),
-                          reinterpret_cast<const float(&)[4]>(sacc[s % 2][4]));
+          scaled_weights(wf, lv, sacc[s % 2]);
           if (kHalves && s == 3) wait_full(2 * sc + 1);  // scale(4) reads A's second half, main(4) x's
           wgmma_fence();
           if (s + 1 < 8) issue_scale(s + 1);
