@@ -71,7 +71,7 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 // kFusedMaxRank on the 16-byte load path where wgmma_ready (fused_gemm_fits).
 constexpr int kFusedMaxRank = 64;
 constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
-constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound
+constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound (kFusedMaxSplits for one wave of 16 / 64-token tiles at 4 bits)
 constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM at 2 and 3 bits
 constexpr int kFusedMinM4 = 2;       // ... at 4 bits (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);
@@ -110,7 +110,12 @@ inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits
   if (M < (four ? kFusedSplitMinM4[r > 32] : kDecodeMaxM + 1)) return false;
   const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
-  return tiles <= sms && tiles * kFusedAutoSplits * 2 >= sms;
+  if (tiles > sms) return false;
+  // The 16- and 64-token tiles at 4 bits take up to kFusedMaxSplits splits where they fit one wave
+  // (fused_gemm_plan): from 45 % of the GPU on (1024x4096 r = 12, 8 tiles x 8 splits, M = 8 / 16 / 64: 7.4 / 7.8 /
+  // 9.3 us against 8.8 / 9.3 / 12.6 for the automatic op before; H100, session 18, bench/h100/session18/fused_splits).
+  if (four && ntok <= 64) return tiles * std::min<long>(K / 128, kFusedMaxSplits) * 20 >= 9L * sms;
+  return tiles * kFusedAutoSplits * 2 >= sms;
 }
 
 // W[N, K] = codebook[Q] * (B @ A) in dtype.

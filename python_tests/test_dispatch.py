@@ -43,7 +43,8 @@ def fused_ready(hopper, monkeypatch):
 @pytest.mark.parametrize("M,r,K,N,first,fused", [
     (32, 49, 4096, 14336, "cuda", True),   # the fused GEMM's case: N fills 132 SMs with 128-row blocks
     (128, 64, 4096, 14336, "cuda", True),
-    (64, 49, 4096, 1024, "triton", False),  # 8 tiles: even 4 splits leave most SMs idle
+    (64, 49, 4096, 1024, "cuda", True),     # 8 tiles x 8 splits in one wave (4 bits)
+    (64, 49, 4096, 896, "triton", False),   # 7 tiles: less than 45 % of the SMs
     (32, 32, 4096, 14336, "cuda", True),    # r <= 32 at 4 bits: from M = 17 on
     (16, 49, 4096, 14336, "cuda", True),    # the 16-token tile where N fills the GPU: from M = 2 at 4 bits
     (6, 49, 4096, 14336, "cuda", True),
@@ -87,8 +88,11 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first, fused):
     (16, 32, 14336, 4096, True),     # the 16-token tile from 8 tokens at r <= 32
     (8, 32, 14336, 4096, True),
     (7, 32, 14336, 4096, False),     # the decode kernels
-    (16, 12, 4096, 1024, False),     # 8 tiles
-    (64, 12, 4096, 1024, False),     # 8 tiles
+    (16, 12, 4096, 1024, True),      # 8 tiles x 8 splits, one wave: 64 blocks, 48 % of 132 SMs (4 bits, <= 64 tokens)
+    (64, 12, 4096, 1024, True),
+    (64, 12, 4096, 896, False),      # 7 tiles: 56 blocks
+    (16, 12, 512, 1024, False),      # K = 512: 4 superchunks, 32 blocks
+    (128, 12, 4096, 1024, False),    # the 128-token tile: at most 4 splits
     (256, 32, 4096, 1024, False),    # 8 tiles
 ])
 def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):

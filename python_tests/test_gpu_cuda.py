@@ -254,7 +254,10 @@ def fused_rule(M, N, K, r, sms):
         return True
     if M < (13 if r > 32 else 8):
         return False
-    tiles = row_blocks * -(-M // dispatch.fused_token_tile(M, r, N, K, sms))
+    ntok = dispatch.fused_token_tile(M, r, N, K, sms)
+    tiles = row_blocks * -(-M // ntok)
+    if ntok <= 64:
+        return tiles <= sms and tiles * min(K // 128, 8) * 20 >= 9 * sms
     return tiles <= sms and tiles * 8 >= sms
 
 
@@ -265,11 +268,11 @@ def fused_rule(M, N, K, r, sms):
                                           (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, True),
                                           (2, 14336, 49, True), (12, 4096, 49, False),
                                           (13, 4096, 49, True), (7, 4096, 32, False), (8, 4096, 32, True),
-                                          (16, 1024, 12, False),
-                                          (16, 4096, 49, True), (64, 1024, 49, False), (384, 4096, 49, True),
+                                          (16, 1024, 12, True),
+                                          (16, 4096, 49, True), (64, 1024, 49, True), (384, 4096, 49, True),
                                           (512, 4096, 32, True), (512, 1024, 12, False), (384, 14336, 49, False),
                                           (600, 4096, 32, False), (64, 4096, 32, True), (24, 4096, 16, True),
-                                          (16, 4096, 32, True), (80, 4096, 32, True), (40, 1024, 12, False)])
+                                          (16, 4096, 32, True), (80, 4096, 32, True), (40, 1024, 12, True), (40, 896, 12, False)])
 def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     """Path -1 runs the fused GEMM exactly where csrc/lords_kernels.h's rule says (bit-identical to path 4),
     elsewhere the decode kernel up to 16 tokens (path 0) and dequantize + cuBLAS above (path 1), both

@@ -131,6 +131,7 @@ FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
 FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
+FUSED_MAX_SPLITS = 8  # csrc/lords_kernels.h, kFusedMaxSplits (the 16- and 64-token tiles at 4 bits, one wave)
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,8 +167,13 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
         return True
     if M < (FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] if four else CUDA_DECODE_MAX_M + 1):
         return False
-    tiles = row_blocks * -(-M // fused_token_tile(M, rank, N, K, sms, bits))
-    return tiles <= sms and tiles * FUSED_AUTO_SPLITS * 2 >= sms
+    ntok = fused_token_tile(M, rank, N, K, sms, bits)
+    tiles = row_blocks * -(-M // ntok)
+    if tiles > sms:
+        return False
+    if four and ntok <= 64:  # up to FUSED_MAX_SPLITS splits in one wave: from 45 % of the GPU (1024x4096, session 18)
+        return tiles * min(K // CUDA_K_MULTIPLE, FUSED_MAX_SPLITS) * 20 >= 9 * sms
+    return tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
 SCALE_TOKENS = 200  # csrc/fused_gemm.cu, kScaleTokens
