@@ -1,7 +1,8 @@
 """Side-by-side table of timing JSONs from bench/ab_patches_h100.sh (one file per variant).
 
 Each file is a list of records as written by bench.decode_paths or bench.dequant_paths: a record is
-identified by its shape, token count and kind (N, K, M, kind; absent fields ignored), and every
+identified by its shape, rank, token count and kind (N, K, r, M, kind; absent fields ignored; the rank is
+shown where one shape appears at several ranks), and every
 `*_us` field is one timed path. Prints one row per (record, path) with one column per variant, in
 the order the files are given; a variant without that record or path shows "-".
 
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 
-KEY_FIELDS = ("N", "K", "M", "kind")
+KEY_FIELDS = ("N", "K", "M", "kind", "r")
 
 
 def variant_name(path: str) -> str:
@@ -35,6 +36,9 @@ def table(paths: list[str]) -> str:
     keys = []
     for recs in runs.values():
         keys += [k for k in recs if k not in keys]
+    ranks = {}
+    for k in keys:
+        ranks.setdefault(k[:2], set()).add(k[4])
     lines = ["| N x K | M | kind | path | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
     for k in keys:
@@ -46,7 +50,8 @@ def table(paths: list[str]) -> str:
             cells = " | ".join("-" if v is None else f"{v:.2f}" for v in vals)
             m = "" if k[2] is None else k[2]
             kind = "" if k[3] is None else k[3]
-            lines.append(f"| {k[0]}x{k[1]} | {m} | {kind} | {field[:-3]} | {cells} |")
+            shape = f"{k[0]}x{k[1]}" + (f" r{k[4]}" if len(ranks[k[:2]]) > 1 else "")
+            lines.append(f"| {shape} | {m} | {kind} | {field[:-3]} | {cells} |")
     return "\n".join(lines)
 
 

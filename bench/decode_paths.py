@@ -8,13 +8,16 @@ bench/methods.py that are available (cuBLAS bf16, bitsandbytes NF4, torch int4, 
 bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
 checked against the fp32 reference before it is timed. Prints one table per shape and writes JSON.
 
-    python -m bench.decode_paths [--ms 1,2,4,8,16] [--shapes 4096x4096,...] [--sweep]
+    python -m bench.decode_paths [--ms 1,2,4,8,16] [--shapes 4096x4096,1024x4096r49,...] [--sweep]
+
+A shape NxK takes the parity rank; NxKrR takes rank R instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -22,6 +25,14 @@ import torch
 from bench import methods, timing
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+
+
+def parse_shape(text: str) -> tuple[int, int, int | None]:
+    """"NxK" -> (N, K, None: the parity rank), "NxKrR" -> (N, K, R)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?", text.strip())
+    if m is None:
+        raise ValueError(f"shape: expected NxK or NxKrR (e.g. 4096x4096 or 1024x4096r49), got {text!r}")
+    return int(m[1]), int(m[2]), int(m[3]) if m[3] else None
 
 
 def cuda_ready(tool: str) -> int | None:
@@ -66,8 +77,8 @@ def main(argv=None) -> int:
     ms = [int(m) for m in a.ms.split(",")]
     rows = []
     for shape in a.shapes.split(","):
-        N, K = (int(v) for v in shape.split("x"))
-        lw = methods.LordsWeights(N, K, dev)
+        N, K, rank = parse_shape(shape)
+        lw = methods.LordsWeights(N, K, dev, rank=rank)
         cb = lw.codebook
         others = {}
         for key in ("cublas", "bnb_nf4", "torch_int4"):

@@ -12,6 +12,8 @@ call); every LoRDS path is checked against the fp32 reference before it is timed
 
     python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...] [--fused-splits 1,2,4]
     python -m bench.dequant_paths --no-dequant ...   (the y rows alone; --no-triton: without Triton's)
+
+A shape NxK takes the parity rank; NxKrR takes rank R instead (bench.decode_paths.parse_shape).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import methods, timing
-from bench.decode_paths import SHAPES, checked_us, cuda_ready
+from bench.decode_paths import SHAPES, checked_us, cuda_ready, parse_shape
 
 DEPTHS = (0, 1, 2, 4)
 
@@ -53,8 +55,8 @@ def main(argv=None) -> int:
     fsplits = [int(v) for v in a.fused_splits.split(",") if v]
     rows = []
     for shape in a.shapes.split(","):
-        N, K = (int(v) for v in shape.split("x"))
-        lw = methods.LordsWeights(N, K, dev)
+        N, K, rank = parse_shape(shape)
+        lw = methods.LordsWeights(N, K, dev, rank=rank)
         cb = lw.codebook
         ref = lw.weight0()
         rec = dict(N=N, K=K, r=lw.r, kind="dequant")

@@ -92,7 +92,8 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 //     run had 49.5 / 49.2 for both paths: at most a few per cent; M = 1 has the one-token kernels at 26.9)
 //   4096x4096 r = 32, M = 6 / 8 / 10 / 16: 16.0 / 17.6 / 25.1 / 24.7 against 16.3 / 16.4 / 16.4 / 16.5 (from 8)
 //   4096x14336 r = 49, M = 10 / 12 / 16: 50.5 / 51.8 / 54.2 against 52.3 / 52.3 / 52.2 (from 13)
-//   1024x4096 r = 12 (8 row blocks, split-K fills less than half the GPU): 8.6-9.1 against 10.3-10.6, not taken
+//   1024x4096 r = 12 (8 row blocks, 4 splits fill less than half the GPU): 8.6-9.1 against 10.3-10.6 (session 18);
+//     taken with 8 splits in one wave since session 19 (below)
 //   4096x4096 r = 32, M = 24 / 64 / 128 (session 17): 23.7 / 27.5 / 31.2 -> 18.2 / 19.0 / 21.8
 //   4096x4096 r = 32, M = 384 / 512 (session 16): 37.8 / 43.0 -> 37.0 / 39.3; 4096x14336 r = 49 149.5 / 152.1 ->
 //     118.2 / 135.8; not where the tiles take two waves (14336x4096: 135-157 against 141-174 for dequantize +
@@ -100,6 +101,7 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // The Python dispatch applies the same rule (lords_ext/backends/dispatch.py, fused_gemm_first).
 constexpr int kFusedMaxM = 256, kFusedMaxM4 = 512;
 constexpr int kFusedSplitMinM4[2] = {8, 13};  // r <= 32, r > 32
+constexpr int kFusedWideSplitMinM4 = 3;  // ... where at most 16 tiles take 6-8 splits each
 inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits) {
   const bool four = bits == 4;
   if (M < (four ? kFusedMinM4 : kFusedMinM) || M > (four ? kFusedMaxM4 : kFusedMaxM) || r > kFusedMaxRank)
@@ -107,14 +109,24 @@ inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits
   if (r <= 32 && !four) return false;
   const long row_blocks = (N + 127) / 128;
   if (r > 32 && M <= 128 && row_blocks * 5 >= 4L * sms) return true;
-  if (M < (four ? kFusedSplitMinM4[r > 32] : kDecodeMaxM + 1)) return false;
   const int ntok = fused_token_tile(M, r, N, K, sms, bits);
   const long tiles = row_blocks * ((M + ntok - 1) / ntok);
   if (tiles > sms) return false;
   // The 16- and 64-token tiles at 4 bits take up to kFusedMaxSplits splits where they fit one wave
-  // (fused_gemm_plan): from 45 % of the GPU on (1024x4096 r = 12, 8 tiles x 8 splits, M = 8 / 16 / 64: 7.4 / 7.8 /
-  // 9.3 us against 8.8 / 9.3 / 12.6 for the automatic op before; H100, session 18, bench/h100/session18/fused_splits).
-  if (four && ntok <= 64) return tiles * std::min<long>(K / 128, kFusedMaxSplits) * 20 >= 9L * sms;
+  // (fused_gemm_plan): from 45 % of the GPU on (1024x4096 r = 12, 8 tiles x 8 splits, M = 8 / 16 / 32 / 64:
+  // 8.96 / 8.97 / 10.06 / 12.51 -> 7.44 / 7.80 / 8.94 / 9.36 us; H100, session 19,
+  // bench/h100/session19/eight_splits_ab). Below kFusedSplitMinM4 from kFusedWideSplitMinM4 tokens, where at most
+  // 16 tiles leave room for 6 to 8 splits each in one wave (decode kernels against the fused GEMM, us, M = 2 / 3 /
+  // 4 / 8 / 12; bench/h100/session19/rule_small_n):
+  //   1024x4096 r = 12: 7.44 / 8.49 / 9.48 / 13.58 / 17.77 against 7.35 / 7.28 / 7.30 / 7.36 / 7.61
+  //   1024x4096 r = 49: 9.03 / 10.11 / 10.53 / 13.30 / 16.08 against 9.37 / 9.37 / 9.38 / 9.44 / 9.65
+  //   2048x4096 r = 21 (16 tiles, the plan's 6-7 splits): 10.48 / 11.62 / 12.75 / 17.42 / 21.60 against 10.19 /
+  //     10.18 / 10.20 / 10.41 / 10.47
+  if (four && ntok <= 64) {
+    if (tiles * std::min<long>(K / 128, kFusedMaxSplits) * 20 < 9L * sms) return false;
+    return M >= kFusedSplitMinM4[r > 32] || (M >= kFusedWideSplitMinM4 && tiles * kFusedMaxSplits <= sms);
+  }
+  if (M < (four ? kFusedSplitMinM4[r > 32] : kDecodeMaxM + 1)) return false;
   return tiles * kFusedAutoSplits * 2 >= sms;
 }
 

@@ -31,3 +31,12 @@ def test_dequant_records_and_missing_cells(tmp_path):
     assert "| 4096x4096 |  | dequant | cuda_sc0 | 22.62 | 20.50 |" in text
     assert "| 4096x4096 |  | dequant | triton | 28.46 | - |" in text
     assert "| 4096x4096 | 4096 | matmul | cuda_dequant_mm | 221.60 | - |" in text
+
+
+def test_one_shape_at_two_ranks(tmp_path):
+    base = tmp_path / "dp_0_base.json"
+    base.write_text('[{"N": 1024, "K": 4096, "r": 12, "M": 4, "kind": "matmul", "op_us": 8.5},'
+                    ' {"N": 1024, "K": 4096, "r": 49, "M": 4, "kind": "matmul", "op_us": 11.0}]')
+    text = _mod().table([str(base)])
+    assert "| 1024x4096 r12 | 4 | matmul | op | 8.50 |" in text
+    assert "| 1024x4096 r49 | 4 | matmul | op | 11.00 |" in text

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench.decode_paths import checked_us
+from bench.decode_paths import checked_us, parse_shape
 
 
 def test_wrong_result_is_refused_before_timing(monkeypatch):
@@ -15,3 +15,10 @@ def test_wrong_result_is_refused_before_timing(monkeypatch):
     with pytest.raises(AssertionError, match=r"path 0 at N=8: rel err 1"):
         checked_us(lambda w: w * 2.0, copies, ref, 2e-2, "path 0 at N=8")
     assert timed == []
+
+
+def test_parse_shape_reads_an_optional_rank():
+    assert parse_shape("4096x14336") == (4096, 14336, None)
+    assert parse_shape("1024x4096r49") == (1024, 4096, 49)
+    with pytest.raises(ValueError, match="shape: expected NxK or NxKrR"):
+        parse_shape("1024x4096x2")

@@ -89,6 +89,14 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first, fused):
     (8, 32, 14336, 4096, True),
     (7, 32, 14336, 4096, False),     # the decode kernels
     (16, 12, 4096, 1024, True),      # 8 tiles x 8 splits, one wave: 64 blocks, 48 % of 132 SMs (4 bits, <= 64 tokens)
+    (4, 12, 4096, 1024, True),       # ... below 8 tokens too, where every tile's 8 splits fit one wave
+    (3, 49, 4096, 1024, True),
+    (2, 49, 4096, 1024, False),      # M = 2: the decode kernels (9.03 against 9.37 us at r = 49)
+    (7, 32, 4096, 2048, True),       # 16 tiles x 8 splits: 128 blocks
+    (7, 32, 4096, 2176, False),      # 17 tiles: the decode kernels
+    (4, 12, 1024, 1024, True),       # K = 1024: 8 superchunks
+    (4, 12, 512, 1024, False),       # K = 512: 4 splits at most
+    (1, 12, 4096, 1024, False),      # the one-token kernels
     (64, 12, 4096, 1024, True),
     (64, 12, 4096, 896, False),      # 7 tiles: 56 blocks
     (16, 12, 512, 1024, False),      # K = 512: 4 superchunks, 32 blocks

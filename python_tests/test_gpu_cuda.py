@@ -252,12 +252,13 @@ def fused_rule(M, N, K, r, sms):
     row_blocks = -(-N // 128)
     if r > 32 and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    if M < (13 if r > 32 else 8):
-        return False
     ntok = dispatch.fused_token_tile(M, r, N, K, sms)
     tiles = row_blocks * -(-M // ntok)
-    if ntok <= 64:
-        return tiles <= sms and tiles * min(K // 128, 8) * 20 >= 9 * sms
+    if ntok <= 64:  # 8 splits in one wave; below 13 / 8 tokens only where every tile's 8 splits fit one wave
+        return (tiles <= sms and tiles * min(K // 128, 8) * 20 >= 9 * sms
+                and (M >= (13 if r > 32 else 8) or (M >= 3 and tiles * 8 <= sms)))
+    if M < (13 if r > 32 else 8):
+        return False
     return tiles <= sms and tiles * 8 >= sms
 
 
@@ -268,7 +269,10 @@ def fused_rule(M, N, K, r, sms):
                                           (12, 14336, 49, True), (6, 14336, 64, True), (5, 14336, 49, True),
                                           (2, 14336, 49, True), (12, 4096, 49, False),
                                           (13, 4096, 49, True), (7, 4096, 32, False), (8, 4096, 32, True),
-                                          (16, 1024, 12, True),
+                                          (16, 1024, 12, True), (4, 1024, 12, True), (3, 1024, 49, True),
+                                          (2, 1024, 49, False),
+                                          (7, 2048, 32, True), (4, 896, 12, False), (4, 2176, 12, False),
+                                          (1, 1024, 12, False), (2, 1024, 12, False),
                                           (16, 4096, 49, True), (64, 1024, 49, True), (384, 4096, 49, True),
                                           (512, 4096, 32, True), (512, 1024, 12, False), (384, 14336, 49, False),
                                           (600, 4096, 32, False), (64, 4096, 32, True), (24, 4096, 16, True),

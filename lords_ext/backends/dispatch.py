@@ -127,6 +127,7 @@ FUSED_M = (6, 256)
 # (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2); bench/h100/session18/check_merged.
 FUSED_M4_MIN = 2  # csrc/lords_kernels.h, kFusedMinM4
 FUSED_SPLIT_M4_MIN = (8, 13)  # csrc/lords_kernels.h, kFusedSplitMinM4: r <= 32, r > 32
+FUSED_WIDE_SPLIT_M4_MIN = 3  # csrc/lords_kernels.h, kFusedWideSplitMinM4: at most 16 tiles, 6-8 splits each
 FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
@@ -165,14 +166,18 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     sms, row_blocks = _sm_count(device), -(-N // 128)
     if rank >= FUSED_RANK[0] and M <= 128 and row_blocks * 5 >= 4 * sms:
         return True
-    if M < (FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] if four else CUDA_DECODE_MAX_M + 1):
-        return False
     ntok = fused_token_tile(M, rank, N, K, sms, bits)
     tiles = row_blocks * -(-M // ntok)
     if tiles > sms:
         return False
-    if four and ntok <= 64:  # up to FUSED_MAX_SPLITS splits in one wave: from 45 % of the GPU (1024x4096, session 18)
-        return tiles * min(K // CUDA_K_MULTIPLE, FUSED_MAX_SPLITS) * 20 >= 9 * sms
+    if four and ntok <= 64:  # up to FUSED_MAX_SPLITS splits in one wave: from 45 % of the GPU (1024x4096, session 19)
+        if tiles * min(K // CUDA_K_MULTIPLE, FUSED_MAX_SPLITS) * 20 < 9 * sms:
+            return False
+        # below the split-K minimum from FUSED_WIDE_SPLIT_M4_MIN tokens where at most 16 tiles take 6-8 splits
+        return M >= FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] or (
+            M >= FUSED_WIDE_SPLIT_M4_MIN and tiles * FUSED_MAX_SPLITS <= sms)
+    if M < (FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] if four else CUDA_DECODE_MAX_M + 1):
+        return False
     return tiles * FUSED_AUTO_SPLITS * 2 >= sms
 
 
