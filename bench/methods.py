@@ -157,7 +157,9 @@ def lords_op(N: int, K: int, device: torch.device, lw: LordsWeights) -> Contende
 
     def info(x):
         try:
-            return "dispatch -> " + lords_ext.backends.dispatch.choose("dequant_matmul", x, x.shape[0], lw.r)
+            # the same arguments as the op's own choice (lords_ext/_ops.py): the fused GEMM rule reads K, N, bits
+            name = lords_ext.backends.dispatch.choose("dequant_matmul", x, x.shape[0], lw.r, lw.K, lw.N, lw.bits)
+            return "dispatch -> " + name
         except Exception as exc:  # noqa: BLE001 - informational only
             return f"dispatch unknown ({exc})"
 

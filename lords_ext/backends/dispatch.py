@@ -110,7 +110,7 @@ def forced() -> str | None:
 # At r <= 32 and 4 bits from M = 17 on (every 4-bit tile has a producer warpgroup since session 15; session 17,
 # bench/h100/session17/fused_r32_small_m_ab): 4096x4096 r=32 M=24: 18.2 / - / 27.0 (op before, Triton first: 23.7)
 # M=48: 18.6 / - / 27.0 (26.7)   M=64: 19.0 / - / 27.3 (27.5)   M=96: 21.4 / - / 27.5   M=128: 21.8 / - / 31.3; not
-# 1024x4096 r=12 (8 tiles: M=64 12.7 against 12.3 for the op). Above 128 tokens the 256-token tile (session 15,
+# 1024x4096 r=12 with at most 4 splits (8 tiles: M=64 12.7 against 12.3 for the op; 8 splits since session 19). Above 128 tokens the 256-token tile (session 15,
 # bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2. (Until session 17
 # the rule took r <= 32 from M = 129 only, after session 11's 4096x4096 M=128: 32.6 / 37.9 / 31.7, before producers.)
 # 14336x4096 at M = 256 takes 256-token tiles at 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize
@@ -124,7 +124,10 @@ FUSED_M = (6, 256)
 # 2 tokens where N fills the GPU (14336x4096 r=49 M=2 / 4: 47.5 / 48.2 us against 49.3 / 49.9 for the decode
 # kernels; 49.5 / 49.2 for both in a later run: at most a few per cent) and, split along K, from 8 tokens at
 # r <= 32 (4096x4096 M=8 / 10: 16.4 / 16.4 against 17.6 / 25.1; M=6 16.3 against 16.0) and from 13 above
-# (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2); bench/h100/session18/check_merged.
+# (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2); bench/h100/session18/check_merged. Where N gives
+# at most 16 tiles, the 16- and 64-token tiles take up to 8 splits in one wave (session 19) and go first from 3
+# tokens where tiles x splits reach 45 % of the SMs (1024x4096 r=12 M=3 / 4 / 8 / 64: 7.3 / 7.3 / 7.4 / 9.4 against
+# 8.5 / 9.5 / 13.6 / 12.5 before; bench/h100/session19/rule_small_n, eight_splits_ab).
 FUSED_M4_MIN = 2  # csrc/lords_kernels.h, kFusedMinM4
 FUSED_SPLIT_M4_MIN = (8, 13)  # csrc/lords_kernels.h, kFusedSplitMinM4: r <= 32, r > 32
 FUSED_WIDE_SPLIT_M4_MIN = 3  # csrc/lords_kernels.h, kFusedWideSplitMinM4: at most 16 tiles, 6-8 splits each
