@@ -16,21 +16,23 @@ CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 102
            # the producer warpgroup at 192 / 256 tokens (setmaxnreg) and the two-slot ring of 256 tokens above r = 32
            (192, 8576, 1024, 40, 4, 4), (256, 8576, 1024, 49, 4, 4), (260, 300, 1024, 20, 4, 4),
            # the 16- and 64-token tiles' whole-superchunk scale (4 bits; 64 tokens above r = 32), rings wrapping
-           (12, 300, 4096, 49, 4, 4), (3, 520, 1024, 20, 4, 4), (50, 300, 4096, 49, 4, 4)]
+           (12, 300, 4096, 49, 4, 4), (3, 520, 1024, 20, 4, 4), (50, 300, 4096, 49, 4, 4),
+           # 6 and 8 splits of the 128- and 256-token tiles (one superchunk per split at K = 1024)
+           (128, 1000, 1024, 12, 4, 4, 8), (256, 1030, 1024, 20, 4, 4, 8), (200, 2048, 1024, 21, 4, 4, 6)]
           if "fused_gemm_ready=1" in torch.ops.lords.cuda_features() else [])
-for (M, N, K, r, bits, path) in CASES:
+for (M, N, K, r, bits, path, *splits) in CASES:
     g = torch.Generator().manual_seed(M)
     cb = get_codebook(f"nf{bits}")[0].cuda()
     q = pack(torch.randint(0, 1 << bits, (N, K), generator=g), bits).cuda()
     B = torch.rand(N, r, generator=g).cuda().bfloat16(); A = torch.rand(r, K, generator=g).cuda().bfloat16()
     x = torch.randn(M, K, generator=g).cuda().bfloat16()
-    y = op(x, q, B, A, cb, None, path, 3 if path == 4 else 0)  # three blocks per cluster
+    y = op(x, q, B, A, cb, None, path, splits[0] if splits else 3 if path == 4 else 0)  # three blocks per cluster
     W = torch.ops.lords.dequant_cuda(q, B, A, cb)
     ref = reference.dequant_matmul(x.float(), q, B.float(), A.float(), cb, None)
     e = ((y.double() - ref.double()).norm() / ref.double().norm()).item(); worst = max(worst, e)
     Wref = reference.dequant(q, B.float(), A.float(), cb).double()
     for Wd in (W, torch.ops.lords.dequant_cuda(q, B, A, cb, 3)):  # 3 superchunks per block: partial last block
         worst = max(worst, ((Wd.double() - Wref).norm() / Wref.norm()).item())
-    print(M, N, K, r, bits, path, f"rel {e:.2e}")
+    print(M, N, K, r, bits, path, *splits, f"rel {e:.2e}")
 torch.cuda.synchronize()
 print("sanitize script done, worst rel", worst)

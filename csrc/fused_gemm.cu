@@ -787,13 +787,16 @@ DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, 
   const long tiles = ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok);
   const long k_super = K / kSuper;
   long best = 1, best_cost = -1;
-  // Beyond kFusedAutoSplits only the 16- and 64-token tiles at 4 bits, and only in one wave: the unit count
-  // undervalues a second wave of many small splits (4096x4096 r = 32 M = 16: 3 splits 16.5 us, 8 splits 24.5; 1024x4096
-  // r = 12, 8 tiles: 4 splits 10.5, 8 splits 7.8; H100, session 18, bench/h100/session18/fused_splits).
+  // Beyond kFusedAutoSplits only at 4 bits, and only in one wave: the unit count undervalues a second wave of many
+  // small splits (4096x4096 r = 32 M = 16: 3 splits 16.5 us, 8 splits 24.5; 1024x4096 r = 12, 8 tiles: 4 splits
+  // 10.5, 8 splits 7.8; H100, session 18, bench/h100/session18/fused_splits). The 128- and 256-token tiles alike
+  // (session 19, bench/h100/session19/large_m_splits, us at 4 / 6 / 8 splits): 1024x4096 r = 12 M = 128 14.8 / 13.4
+  // / 10.9, M = 256 19.9 / 18.1 / 14.6; 2048x4096 r = 21 (16 tiles; 8 splits take two waves) M = 128 16.0 / 14.8 /
+  // 22.5, M = 256 21.2 / 19.6 / 30.1.
   for (long s = 1; s <= min_l(k_super, kFusedMaxSplits); ++s) {
     const int known = s == 1 ? sms : kernel.clusters((int)s);
     const long at_once = std::max<long>(1, known > 0 ? known : sms / s);
-    if (s > kFusedAutoSplits && (bits != 4 || ntok > 64 || tiles > at_once)) continue;
+    if (s > kFusedAutoSplits && (bits != 4 || tiles > at_once)) continue;
     const long cost = split_units(tiles, at_once, k_super, s);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }

@@ -122,10 +122,16 @@ inline bool fused_gemm_preferred(int M, long N, long K, int r, int sms, int bits
   //   1024x4096 r = 49: 9.03 / 10.11 / 10.53 / 13.30 / 16.08 against 9.37 / 9.37 / 9.38 / 9.44 / 9.65
   //   2048x4096 r = 21 (16 tiles, the plan's 6-7 splits): 10.48 / 11.62 / 12.75 / 17.42 / 21.60 against 10.19 /
   //     10.18 / 10.20 / 10.41 / 10.47
-  if (four && ntok <= 64) {
-    if (tiles * std::min<long>(K / 128, kFusedMaxSplits) * 20 < 9L * sms) return false;
-    return M >= kFusedSplitMinM4[r > 32] || (M >= kFusedWideSplitMinM4 && tiles * kFusedMaxSplits <= sms);
-  }
+  const bool fills = tiles * std::min<long>(K / 128, kFusedMaxSplits) * 20 >= 9L * sms;
+  const bool few_tiles = tiles * kFusedMaxSplits <= sms;
+  if (four && ntok <= 64) return fills && (M >= kFusedSplitMinM4[r > 32] || (M >= kFusedWideSplitMinM4 && few_tiles));
+  // The 128- and 256-token tiles where up to kFusedMaxSplits splits of each fit one wave, up to kFusedMaxM tokens
+  // (dequantize + cuBLAS against the fused GEMM, us; bench/h100/session19/large_m_splits): 1024x4096 r = 12
+  // M = 96 / 128 / 192 / 256: 13.9 / 13.6 / 13.6 / 15.5 against 10.7 / 10.9 / 14.0 / 14.6 (8 splits); 2048x4096
+  // r = 21: 21.3 / 19.7 / 24.6 / 22.4 against 14.5 / 14.8 / 18.6 / 19.6 (6 splits); not at 1024x4096 M = 384 / 512
+  // (16 tiles of 256 tokens: 15.1 / 15.8 against 18.2 / 18.6). Measured at r <= 32 only (above it the scale work
+  // per weight doubles, the dequantize pass's barely moves).
+  if (four && r <= 32 && few_tiles && fills && M <= kFusedMaxM) return true;
   if (M < (four ? kFusedSplitMinM4[r > 32] : kDecodeMaxM + 1)) return false;
   return tiles * kFusedAutoSplits * 2 >= sms;
 }

@@ -100,8 +100,11 @@ def test_fused_gemm_rule(fused_ready, M, r, K, N, first, fused):
     (64, 12, 4096, 1024, True),
     (64, 12, 4096, 896, False),      # 7 tiles: 56 blocks
     (16, 12, 512, 1024, False),      # K = 512: 4 superchunks, 32 blocks
-    (128, 12, 4096, 1024, False),    # the 128-token tile: at most 4 splits
-    (256, 32, 4096, 1024, False),    # 8 tiles
+    (128, 12, 4096, 1024, True),     # the 128-token tile: 8 splits in one wave (r <= 32, M <= 256)
+    (256, 32, 4096, 1024, True),     # 8 tiles of 256 tokens, 8 splits
+    (384, 32, 4096, 1024, False),    # 16 tiles of 256 tokens: dequantize + cuBLAS
+    (200, 21, 4096, 2048, True),     # 16 tiles, 6-7 splits
+    (128, 49, 4096, 1024, False),    # r > 32: not measured, dequantize + cuBLAS
 ])
 def test_fused_gemm_rule_split_k_range(fused_ready, M, r, K, N, fused):
     assert dispatch.fused_gemm_first(torch.device("cuda"), M, r, K, N) == fused

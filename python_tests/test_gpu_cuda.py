@@ -254,9 +254,11 @@ def fused_rule(M, N, K, r, sms):
         return True
     ntok = dispatch.fused_token_tile(M, r, N, K, sms)
     tiles = row_blocks * -(-M // ntok)
+    fills = tiles <= sms and tiles * min(K // 128, 8) * 20 >= 9 * sms
     if ntok <= 64:  # 8 splits in one wave; below 13 / 8 tokens only where every tile's 8 splits fit one wave
-        return (tiles <= sms and tiles * min(K // 128, 8) * 20 >= 9 * sms
-                and (M >= (13 if r > 32 else 8) or (M >= 3 and tiles * 8 <= sms)))
+        return fills and (M >= (13 if r > 32 else 8) or (M >= 3 and tiles * 8 <= sms))
+    if fills and tiles * 8 <= sms and M <= 256 and r <= 32:  # the 128- and 256-token tiles likewise
+        return True
     if M < (13 if r > 32 else 8):
         return False
     return tiles <= sms and tiles * 8 >= sms
@@ -273,6 +275,8 @@ def fused_rule(M, N, K, r, sms):
                                           (2, 1024, 49, False),
                                           (7, 2048, 32, True), (4, 896, 12, False), (4, 2176, 12, False),
                                           (1, 1024, 12, False), (2, 1024, 12, False),
+                                          (128, 1024, 12, True), (256, 1024, 12, True), (200, 2048, 21, True),
+                                          (384, 1024, 12, False), (100, 896, 12, False), (128, 1024, 49, False),
                                           (16, 4096, 49, True), (64, 1024, 49, True), (384, 4096, 49, True),
                                           (512, 4096, 32, True), (512, 1024, 12, False), (384, 14336, 49, False),
                                           (600, 4096, 32, False), (64, 4096, 32, True), (24, 4096, 16, True),

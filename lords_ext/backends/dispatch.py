@@ -173,12 +173,14 @@ def fused_gemm_first(device: torch.device, M: int, rank: int | None, K: int | No
     tiles = row_blocks * -(-M // ntok)
     if tiles > sms:
         return False
-    if four and ntok <= 64:  # up to FUSED_MAX_SPLITS splits in one wave: from 45 % of the GPU (1024x4096, session 19)
-        if tiles * min(K // CUDA_K_MULTIPLE, FUSED_MAX_SPLITS) * 20 < 9 * sms:
-            return False
-        # below the split-K minimum from FUSED_WIDE_SPLIT_M4_MIN tokens where at most 16 tiles take 6-8 splits
-        return M >= FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] or (
-            M >= FUSED_WIDE_SPLIT_M4_MIN and tiles * FUSED_MAX_SPLITS <= sms)
+    # up to FUSED_MAX_SPLITS splits in one wave at 4 bits: from 45 % of the GPU (1024x4096, session 19)
+    fills = tiles * min(K // CUDA_K_MULTIPLE, FUSED_MAX_SPLITS) * 20 >= 9 * sms
+    few_tiles = tiles * FUSED_MAX_SPLITS <= sms  # at most 16 tiles: 6-8 splits each in one wave
+    if four and ntok <= 64:
+        return fills and (M >= FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]]
+                          or (M >= FUSED_WIDE_SPLIT_M4_MIN and few_tiles))
+    if four and rank <= 32 and few_tiles and fills and M <= FUSED_M[1]:  # 128 / 256-token tiles likewise (r <= 32)
+        return True
     if M < (FUSED_SPLIT_M4_MIN[rank >= FUSED_RANK[0]] if four else CUDA_DECODE_MAX_M + 1):
         return False
     return tiles * FUSED_AUTO_SPLITS * 2 >= sms
