@@ -127,7 +127,9 @@ FUSED_M = (6, 256)
 # (4096x14336 r=49 M=12 / 16: 52.3 / 52.2 against 51.8 / 54.2); bench/h100/session18/check_merged. Where N gives
 # at most 16 tiles, the 16- and 64-token tiles take up to 8 splits in one wave (session 19) and go first from 3
 # tokens where tiles x splits reach 45 % of the SMs (1024x4096 r=12 M=3 / 4 / 8 / 64: 7.3 / 7.3 / 7.4 / 9.4 against
-# 8.5 / 9.5 / 13.6 / 12.5 before; bench/h100/session19/rule_small_n, eight_splits_ab).
+# 8.5 / 9.5 / 13.6 / 12.5 before; bench/h100/session19/rule_small_n, eight_splits_ab), and at r <= 32 the 128- and
+# 256-token tiles up to M = 256 (1024x4096 M=96 / 128 / 256: 10.8 / 11.0 / 14.7 against 13.9 / 13.6 / 15.5;
+# bench/h100/session19/check_large_m).
 FUSED_M4_MIN = 2  # csrc/lords_kernels.h, kFusedMinM4
 FUSED_SPLIT_M4_MIN = (8, 13)  # csrc/lords_kernels.h, kFusedSplitMinM4: r <= 32, r > 32
 FUSED_WIDE_SPLIT_M4_MIN = 3  # csrc/lords_kernels.h, kFusedWideSplitMinM4: at most 16 tiles, 6-8 splits each
