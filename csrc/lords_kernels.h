@@ -71,7 +71,7 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 // kFusedMaxRank on the 16-byte load path where wgmma_ready (fused_gemm_fits).
 constexpr int kFusedMaxRank = 64;
 constexpr int kFusedMaxSplits = 8;   // the splits of a tile form one cluster: the portable cluster size
-constexpr int kFusedAutoSplits = 4;  // the automatic plan's bound (kFusedMaxSplits for one wave of 16 / 64-token tiles at 4 bits)
+constexpr int kFusedAutoSplits = 4;  // the plan's bound (at 4 bits kFusedMaxSplits where all tiles fit one wave)
 constexpr int kFusedMinM = 6;        // fewest tokens the automatic path gives the fused GEMM at 2 and 3 bits
 constexpr int kFusedMinM4 = 2;       // ... at 4 bits (fused_gemm_preferred)
 bool fused_gemm_fits(long K, int r, const void* x, const void* qweight, const void* A);

@@ -110,9 +110,10 @@ def forced() -> str | None:
 # At r <= 32 and 4 bits from M = 17 on (every 4-bit tile has a producer warpgroup since session 15; session 17,
 # bench/h100/session17/fused_r32_small_m_ab): 4096x4096 r=32 M=24: 18.2 / - / 27.0 (op before, Triton first: 23.7)
 # M=48: 18.6 / - / 27.0 (26.7)   M=64: 19.0 / - / 27.3 (27.5)   M=96: 21.4 / - / 27.5   M=128: 21.8 / - / 31.3; not
-# 1024x4096 r=12 with at most 4 splits (8 tiles: M=64 12.7 against 12.3 for the op; 8 splits since session 19). Above 128 tokens the 256-token tile (session 15,
-# bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - / 32.2   M=256: 29.0 / - / 36.2. (Until session 17
-# the rule took r <= 32 from M = 129 only, after session 11's 4096x4096 M=128: 32.6 / 37.9 / 31.7, before producers.)
+# 1024x4096 r=12 with at most 4 splits (8 tiles: M=64 12.7 against 12.3 for the op; 8 splits since session 19).
+# Above 128 tokens the 256-token tile (session 15, bench/h100/session15/fused_ab): 4096x4096 r=32 M=160: 27.1 / - /
+# 32.2   M=256: 29.0 / - / 36.2. (Until session 17 the rule took r <= 32 from M = 129 only, after session 11's
+# 4096x4096 M=128: 32.6 / 37.9 / 31.7, before producers.)
 # 14336x4096 at M = 256 takes 256-token tiles at 4 bits (112 tiles, one wave): 94.0 us against 124.1 for dequantize
 # + cuBLAS (two waves of 128-token tiles: 118.7).
 # Up to M = 512 at 4 bits (session 16, bench/h100/session16, after the ring handed over by halves and the token tile
@@ -137,7 +138,7 @@ FUSED_M4_MAX = 512  # csrc/lords_kernels.h, kFusedMaxM4
 CUDA_DECODE_MAX_M = 16  # csrc/lords_kernels.h, kDecodeMaxM: the decode kernels' range
 FUSED_RANK = (33, 64)
 FUSED_AUTO_SPLITS = 4  # csrc/lords_kernels.h, kFusedAutoSplits
-FUSED_MAX_SPLITS = 8  # csrc/lords_kernels.h, kFusedMaxSplits (the 16- and 64-token tiles at 4 bits, one wave)
+FUSED_MAX_SPLITS = 8  # csrc/lords_kernels.h, kFusedMaxSplits (every tile at 4 bits where all fit one wave)
 
 
 @functools.lru_cache(maxsize=None)
