@@ -314,7 +314,9 @@ def describe(device: torch.device | None = None) -> str:
                          f"{FUSED_M[0]} <= M <= 128 ({FUSED_M4_MIN} at 4 bits) and N >= {n_min}; "
                          f"{CUDA_DECODE_MAX_M + 1} <= M <= {FUSED_M[1]} where its tiles fit one wave; at 4 bits "
                          f"for every r <= {FUSED_RANK[1]}, up to M = {FUSED_M4_MAX} and from M = "
-                         f"{FUSED_SPLIT_M4_MIN[0]} (r <= 32) / {FUSED_SPLIT_M4_MIN[1]} (r > 32)")
+                         f"{FUSED_SPLIT_M4_MIN[0]} (r <= 32) / {FUSED_SPLIT_M4_MIN[1]} (r > 32), or from M = "
+                         f"{FUSED_WIDE_SPLIT_M4_MIN} where at most {_sm_count(device) // FUSED_MAX_SPLITS} tiles take "
+                         f"up to {FUSED_MAX_SPLITS} splits each in one wave")
         else:
             lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
     if forced():
