@@ -2,7 +2,7 @@
 
 For each Llama-3-8B shape (4-bit NF4, parity rank for block 64) and M in --ms, times in one process:
 the direct fused decode kernel (path 0), the re-associated kernel (path 2, where M*ceil(r/8)*8 <= 64; its
-wgmma variant where this build and GPU run it) and the same kernel on mma.sync alone (path 3),
+wgmma variant where this build and GPU run it, which also takes up to 128 columns with Z streamed) and the same kernel on mma.sync alone (path 3),
 the automatic choice (path -1), with --sweep split-K sweeps of both fused kernels, and the contenders of
 bench/methods.py that are available (cuBLAS bf16, bitsandbytes NF4, torch int4, the read floor). Same timing method as
 bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
@@ -102,10 +102,14 @@ def main(argv=None) -> int:
                 k_super = -(-K // 128)
                 rec["direct_sweep"] = {sp: lords_path(0, sp)[0] for sp in (1, 2, 3, 4, 6, 7, 8, 11, 16, 32)
                                        if sp <= k_super}
-            fits = M * ((lw.r + 7) // 8) * 8 <= 64 and M <= 4
-            if fits:
+            cols = M * ((lw.r + 7) // 8) * 8
+            fits = cols <= 64 and M <= 4
+            # 65..128 columns: path 2 alone (wgmma, Z streamed through shared memory)
+            streamed = 64 < cols <= 128 and M <= 4 and "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
+            if fits or streamed:
                 rec["reassoc_us"], rec["reassoc_err"] = lords_path(2)
-                rec["reassoc_mma_us"], _ = lords_path(3)
+                if fits:
+                    rec["reassoc_mma_us"], _ = lords_path(3)
                 if a.sweep:
                     rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
             rec["auto_us"], _ = lords_path(-1)

@@ -10,6 +10,8 @@ op = torch.ops.lords.dequant_matmul_cuda
 worst = 0
 CASES = [(1, 520, 1024, 32, 4, 0), (5, 300, 392, 17, 3, 0), (16, 257, 1032, 64, 2, 0), (4, 600, 1024, 49, 4, 0), (3, 300, 392, 7, 4, 1), (2, 256, 4096, 100, 4, 0),
          (1, 520, 1024, 32, 4, 2), (2, 300, 2048, 24, 3, 2), (1, 700, 1024, 49, 2, 2)]
+if "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features():  # Z streamed above 64 columns
+    CASES += [(2, 1030, 1024, 49, 4, 2, 3), (1, 520, 2048, 65, 3, 2, 5), (4, 300, 1024, 32, 2, 2, 0)]
 # K = 4096 at 4 bits: 11 superchunks per block, so the producer's ring wraps (waits on the `empty` mbarriers)
 CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 1024, 17, 2, 4),
            (40, 130, 4096, 32, 4, 4), (100, 260, 4096, 49, 4, 4),

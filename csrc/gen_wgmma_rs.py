@@ -5,7 +5,7 @@ header is generated rather than spelled out by hand:  python3 csrc/gen_wgmma_rs.
 """
 from pathlib import Path
 
-WIDTHS = (16, 32, 48, 56, 64, 128, 192, 256)  # column tiles 2, 4, 6, 7, 8 of reassoc_gemv.cu; token tiles 64, 128, 192, 256 of fused_gemm.cu
+WIDTHS = (16, 32, 48, 56, 64, 112, 128, 192, 256)  # column tiles 2, 4, 6, 7, 8, 14, 16 of reassoc_gemv.cu; token tiles 64, 128, 192, 256 of fused_gemm.cu
 # The scale tile: one k-tile of the fused GEMM (16), a half superchunk of its 16-token tile (64).
 TRANS_B_WIDTHS = (16, 64)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}

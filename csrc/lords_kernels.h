@@ -31,6 +31,7 @@ struct DecodeArgs {
   int splits;               // from decode_plan
   int k_per_split;          // from decode_plan
   bool wgmma = false;       // reassoc_gemv: run the sm_90a wgmma variant (reassoc_uses_wgmma, which the plan used too)
+  const void* zbuf = nullptr;  // reassoc_gemv above 64 columns: reassoc_z_bytes(M, r, K) bytes for Z = A * x
 };
 
 constexpr int kDecodeMaxM = 16;
@@ -51,10 +52,19 @@ void decode_gemm(const DecodeArgs& a, cudaStream_t stream);
 // The re-associated kernel (reassoc_gemv.cu) for small M * r: same arguments, its own split plan.
 constexpr int kReassocMaxM = 4;
 bool reassoc_fits(int M, int r);  // M <= kReassocMaxM and M * ceil(r/8)*8 <= 64
+// 64 < M * ceil(r/8)*8 <= 128, M <= kReassocMaxM: the WG variant with Z streamed from a buffer of
+// reassoc_z_bytes (0 where Z is staged whole), sm_90a and K % 128 == 0 only.
+bool reassoc_streamed_fits(int M, int r);
+size_t reassoc_z_bytes(int M, int r, long K);
 // Where path -1 takes it: one token and 16 < r <= 64 (H100, bench/cuda_notes.md, session 9 with the wgmma
 // variant: 4096x4096 r=32 11.6 vs 13.6 us for the direct kernel, 14336x4096 r=49 28.0 vs 50.0 us; at r=12
 // (7.8 vs 6.7) and at M=2 (4096x4096: 14.4 vs 14.0) the direct one wins).
 inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64; }
+// Two tokens at 32 < r <= 56 (112 columns, Z streamed; the sm_90a variant only, which the caller checks): H100,
+// session 19, us, automatic path before (the 16-token fused GEMM or the direct decode kernel) -> streamed Z:
+// 14336x4096 r = 49 47.6 -> 42.1, 4096x14336 r = 49 43.9 -> 39.4 (bench/h100/session19/streamed_z). Measured there
+// only, hence N >= 4096; not at 128 columns (4096x4096 r = 32 M = 3 / 4: 19.9 / 21.4 against 13.6 / 14.4 direct).
+inline bool reassoc_streamed_preferred(int M, int r, long N) { return M == 2 && r > 32 && r <= 56 && N >= 4096; }
 // wg: the launch takes the wgmma variant (reassoc_uses_wgmma), whose blocks cover 512 rows.
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg);
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits, bool wg);

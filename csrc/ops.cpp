@@ -230,9 +230,12 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
   LORDS_REQUIRE(path != 0 || M <= kDecodeMaxM, "x: the fused decode kernel (path=0) takes M <= ", (int)kDecodeMaxM,
                 " rows, got M=", M);
-  LORDS_REQUIRE((path != 2 && path != 3) || (B.dim() == 2 && reassoc_fits((int)M, (int)B.size(1))),
-                "x: the re-associated kernel (path=2, 3) takes M <= ", (int)kReassocMaxM,
-                " and M * ceil(r/8)*8 <= 64, got M=", M, ", r=", B.dim() == 2 ? B.size(1) : -1);
+  LORDS_REQUIRE((path != 2 && path != 3) ||
+                    (B.dim() == 2 && (reassoc_fits((int)M, (int)B.size(1)) ||
+                                      (path == 2 && reassoc_streamed_fits((int)M, (int)B.size(1))))),
+                "x: the re-associated kernel takes M <= ", (int)kReassocMaxM,
+                " and M * ceil(r/8)*8 <= 64 (path=3), <= 128 (path=2), got M=", M, ", r=",
+                B.dim() == 2 ? B.size(1) : -1, ", path=", path);
   if (bias.has_value()) {
     const auto& b = *bias;
     LORDS_REQUIRE(b.device() == x.device(), "bias: expected device ", device_str(x.device()), ", got ",
@@ -253,7 +256,11 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   TORCH_CHECK(valid_weight(qweight, B_in, A_in, codebook, x.device(), &bits), t_error.c_str());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = B_in.size(0), K = A_in.size(1);
-  const bool reassoc = path == 2 || path == 3 || (path == -1 && reassoc_preferred((int)M, (int)B_in.size(1)));
+  const bool reassoc =
+      path == 2 || path == 3 ||
+      (path == -1 && (reassoc_preferred((int)M, (int)B_in.size(1)) ||
+                      (reassoc_streamed_preferred((int)M, (int)B_in.size(1), N) &&
+                       reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A_in.data_ptr(), true))));
   if (M == 0) return at::empty({0, N}, x.options());
   // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
   at::Tensor A_conv;
@@ -281,6 +288,13 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const int sms = sm_count(x.device());
   const int r = (int)B.size(1);
   const bool wg = reassoc && reassoc_uses_wgmma(K, x.data_ptr(), qweight.data_ptr(), A.data_ptr(), path != 3);
+  const size_t z_bytes = reassoc ? reassoc_z_bytes((int)M, r, K) : 0;
+  if (z_bytes > 0 && !wg)  // (the message through t_error as everywhere here: one C string into TORCH_CHECK)
+    t_error = cat("path: the re-associated kernel above 64 columns (path=2 with M * ceil(r/8)*8 > 64) needs the sm_90a "
+                  "build on a compute capability 9.0 GPU, K a multiple of 128 and 16-byte aligned x, qweight and A; "
+                  "got M=", M, ", r=", r, ", K=", K, ", ", cuda_features_str());
+  TORCH_CHECK(z_bytes == 0 || wg, t_error.c_str());
+  const at::Tensor zbuf = z_bytes > 0 ? at::empty({(int64_t)z_bytes}, x.options().dtype(at::kByte)) : at::Tensor();
   DecodePlan plan = gemm      ? fused_gemm_plan(dtype_of(x), bits, N, K, (int)M, r, sms)
                     : reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                               : decode_plan(N, K, r, sms);
@@ -314,7 +328,8 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                r,
                plan.splits,
                plan.k_per_split,
-               wg};
+               wg,
+               zbuf.defined() ? zbuf.data_ptr() : nullptr};
   if (gemm)
     fused_gemm(a, sms, c10::cuda::getCurrentCUDAStream());
   else if (reassoc)

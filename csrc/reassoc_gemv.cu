@@ -77,10 +77,18 @@ __device__ __forceinline__ uint64_t z_desc(uint32_t saddr) { return smem_desc(sa
 
 int column_tiles(int M, int r) {
   const int cols = M * ((r + 7) / 8) * 8;
-  return cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 48 ? 6 : cols <= 56 ? 7 : 8;
+  return cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 48 ? 6 : cols <= 56 ? 7 : cols <= 64 ? 8 : cols <= 112 ? 14 : 16;
 }
 size_t z_bytes(int nj, long n_super) { return (size_t)n_super * 8 * nj * 32 * sizeof(uint2); }
-size_t smem_bytes(int bits, int nj, long n_super) { return lut_words(bits) * 4 + z_bytes(nj, n_super); }
+// Streamed Z (column tiles above 8, WG only): Z = A * x for the whole K is written to global memory by
+// reassoc_z_kernel in the staged layout, and each block copies one superchunk of it at a time into a ring
+// of kZSlots slots. Staging the 2 r columns of two tokens whole capped a split at 6 superchunks (the 64 KB
+// pair table beside it) and took 2.5 waves on 14336x4096 (61.9 us at M = 2, session 9).
+constexpr int kZSlots = 3;
+__host__ __device__ constexpr bool z_streamed(int nj) { return nj > 8; }
+size_t smem_bytes(int bits, int nj, long n_super) {
+  return lut_words(bits) * 4 + z_bytes(nj, z_streamed(nj) ? kZSlots : n_super);
+}
 // One block per SM (the table build, the Z staging and the epilogue are per-block costs; the first
 // profile, ncu 4096x4096 M = 1 with 8-warp blocks, showed them at about twice the main loop's
 // instructions, so a block covers as many rows as the register file allows). Below 8 column tiles every
@@ -134,8 +142,10 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
     reassoc_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                    const T* __restrict__ A, const void* __restrict__ cb, int cb_kind, const void* __restrict__ bias,
                    int bias_kind, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters, int M,
-                   long N, long K, int r, int kc) {
+                   long N, long K, int r, int kc, const uint2* __restrict__ zg) {
   constexpr bool fast = FAST;
+  constexpr bool ZR = z_streamed(NJ);
+  static_assert(!ZR || (WG && FAST), "streamed Z: the wgmma variant on whole 16-byte-aligned superchunks only");
   constexpr int NT = row_tiles<NJ, WG>();
   constexpr int kRows = rows_per_block<NJ, WG>();
   extern __shared__ uint4 smem_dyn[];
@@ -168,9 +178,11 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
                             (long)(i % lines) * 128;
       if (line < start + row_span) prefetch_l2(line);
     }
-    const int alines = nsc * kSuper * (int)sizeof(T) / 128;  // whole lines: k0 and the span are 128-aligned
-    for (int i = threadIdx.x; i < r * alines; i += blockDim.x)
-      prefetch_l2(A + (long)(i / alines) * K + k0 + (long)(i % alines) * (128 / sizeof(T)));
+    if constexpr (!ZR) {  // streamed Z reads Z, not A
+      const int alines = nsc * kSuper * (int)sizeof(T) / 128;  // whole lines: k0 and the span are 128-aligned
+      for (int i = threadIdx.x; i < r * alines; i += blockDim.x)
+        prefetch_l2(A + (long)(i / alines) * K + k0 + (long)(i % alines) * (128 / sizeof(T)));
+    }
   }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
@@ -226,7 +238,18 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
     if (d < nsc) load_codes(ring[d], d);
   if (threadIdx.x < (1 << BITS)) levels[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
 
-  if constexpr (MAXM == 1 && FAST) {
+  // Streamed Z: superchunk sc of this split (global superchunk k0 / kSuper + sc) into slot sc % kZSlots.
+  constexpr int kSlotBytes = 8 * NJ * 32 * (int)sizeof(uint2);
+  const uint32_t zst_s = static_cast<uint32_t>(__cvta_generic_to_shared(zst));
+  auto copy_z = [&](int sc) {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(zg) + (k0 / kSuper + sc) * (long)kSlotBytes;
+    const uint32_t dst = zst_s + (uint32_t)((sc % kZSlots) * kSlotBytes);
+    for (int i = threadIdx.x; i < kSlotBytes / 16; i += blockDim.x) cp_async16(dst + 16 * i, src + 16 * i, 16);
+    cp_async_commit();
+  };
+  if constexpr (ZR) {
+    copy_z(0);
+  } else if constexpr (MAXM == 1 && FAST) {
     // One token, whole 16-byte-aligned superchunks: col = j, no token index, no bounds checks on k,
     // and the 8 products of an item as 4 paired 16-bit multiplies (the product of two 16-bit floats is
     // exact in fp32, so rounding it once here gives the same bits as the fp32 path below). The general
@@ -370,12 +393,22 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
       for (int d = 0; d < kDepth; ++d) {
         const int sc = base + d;
         if (sc >= nsc) break;
+        if constexpr (ZR) {
+          // Slot sc arrived (each thread's copies, made visible to the tensor cores, then the block's).
+          // Slot (sc + 1) % 3 was last read in superchunk sc - 2, whose wgmmas every warp waited for
+          // (wait<1> in superchunk sc - 1) before this barrier.
+          cp_async_wait<0>();
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          __syncthreads();
+          if (sc + 1 < nsc) copy_z(sc + 1);
+        }
+        const int zt = ZR ? (sc % kZSlots) * 8 : sc * 8;  // the superchunk's first k-tile in shared memory
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
           uint32_t a[NT][4];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) lookup(a[nt], ring[d][nt], s);
-          const uint64_t desc = desc0 + (uint64_t)((sc * 8 + s) * NJ * 16);  // tile bytes NJ*256, >> 4
+          const uint64_t desc = desc0 + (uint64_t)((zt + s) * NJ * 16);  // tile bytes NJ*256, >> 4
           wgmma_fence();
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
@@ -553,8 +586,98 @@ __global__ void __launch_bounds__(re_threads<NJ, WG>(), 1)
                      &counters[blockIdx.x]);
 }
 
+// Z = A * x for the streamed-Z launches, over the whole K in the WG kernels' staged layout (store_z with the
+// superchunk index global): item e is lane l = e % 32 of column tile jt, k-tile pair sp, superchunk sc, and holds
+// Z[col jt*8 + l/4, k .. k+7] for k = 128 sc + 32 (l % 4) + 8 sp, col = m*r8 + j (zero past r and M). The
+// products round once from the exact 16-bit product, as in the one-token staging.
+template <typename T, int NJ>
+__global__ void __launch_bounds__(256) reassoc_z_kernel(const T* __restrict__ x, const T* __restrict__ A,
+                                                        uint32_t* __restrict__ zg, int M, long K, int r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The GEMV launch that follows (PDL) may start its code prefetches now; it reads Z after griddepcontrol.wait,
+  // which waits for this whole grid and its stores.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  const int r8 = (r + 7) / 8 * 8;
+  const long total = K / kSuper * 4 * NJ * 32;
+  for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+    const int l = (int)(e % 32);
+    const long rest = e / 32;
+    const int jt = (int)(rest % NJ), sp = (int)((rest / NJ) % 4);
+    const long sc = rest / (NJ * 4);
+    int m = 0, j = jt * 8 + l / 4;
+    while (j >= r8) j -= r8, ++m;
+    const long k = sc * kSuper + 32 * (l % 4) + 8 * sp;
+    uint4 av = make_uint4(0u, 0u, 0u, 0u), xv = make_uint4(0u, 0u, 0u, 0u);
+    if (m < M && j < r) {
+      av = __ldg(reinterpret_cast<const uint4*>(A + (long)j * K + k));
+      xv = __ldg(reinterpret_cast<const uint4*>(x + (long)m * K + k));
+    }
+    uint32_t* zw = zg + (2 * (((sc * 8 + 2 * sp) * NJ + jt) * 32 + l) - l);
+    zw[0] = Mma<T>::mul2(av.x, xv.x);
+    zw[32] = Mma<T>::mul2(av.y, xv.y);
+    zw[NJ * 64] = Mma<T>::mul2(av.z, xv.z);
+    zw[NJ * 64 + 32] = Mma<T>::mul2(av.w, xv.w);
+  }
+}
+
+// cudaLaunchKernelEx with programmatic dependent launch where `pdl` (see the kernel's griddepcontrol.wait).
+template <typename T, typename Kernel>
+void launch_reassoc(Kernel kernel, const DecodeArgs& a, dim3 grid, int threads, size_t smem, bool pdl,
+                    cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3((unsigned)threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
+                                     static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias, a.bias_kind,
+                                     static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N, a.K, a.r, a.k_per_split,
+                                     static_cast<const uint2*>(a.zbuf));
+  if (e == cudaSuccess) e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv launch: ") + cudaGetErrorString(e));
+}
+
+// More than 8 column tiles: Z written by reassoc_z_kernel, then the WG kernel streaming it (z_streamed).
+template <typename T, int BITS, int NJ>
+void run_streamed(const DecodeArgs& a, cudaStream_t stream) {
+  if (!a.wgmma || a.zbuf == nullptr || a.K % kSuper != 0)
+    throw std::runtime_error("lords reassoc_gemv: more than 64 columns need the sm_90a wgmma variant, K % 128 == 0 "
+                             "and a Z buffer (reassoc_z_bytes)");
+  auto kernel = a.M == 1 ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>;
+  const size_t smem = smem_bytes(BITS, NJ, 0);
+  static bool opted_in[64] = {false};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
+    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1, true>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}) {
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_cap());
+      if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
+    }
+    if (dev >= 0 && dev < 64) opted_in[dev] = true;
+  }
+  if (smem > smem_cap()) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
+  const long items = a.K / kSuper * 4 * NJ * 32;
+  reassoc_z_kernel<T, NJ><<<(unsigned)std::min<long>((items + 255) / 256, 4096), 256, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.A), static_cast<uint32_t*>(const_cast<void*>(a.zbuf)), a.M,
+      a.K, a.r);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv Z launch: ") + cudaGetErrorString(e));
+  const int rows = rows_per_block<NJ, true>();
+  launch_reassoc<T>(kernel, a, dim3((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits), re_threads<NJ, true>(),
+                    smem, true, stream);
+}
+
 template <typename T, int BITS, int NJ>
 void run(const DecodeArgs& a, cudaStream_t stream) {
+  if constexpr (z_streamed(NJ)) {
+    run_streamed<T, BITS, NJ>(a, stream);
+  } else {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
   const bool wg = a.wgmma && fast;  // the caller decided with reassoc_uses_wgmma, which implies fast
@@ -580,23 +703,10 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   }
   if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
   const int rows = wg ? rows_per_block<NJ, true>() : rows_per_block<NJ, false>();
-  dim3 grid((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits);
   // Programmatic dependent launch where the sm_90a image runs (see the kernel's griddepcontrol.wait).
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3((unsigned)(wg ? re_threads<NJ, true>() : re_threads<NJ, false>()));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = pdl;
-  cfg.numAttrs = wg ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
-                                     static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias, a.bias_kind,
-                                     static_cast<T*>(a.y), a.workspace, a.counters, a.M, a.N, a.K, a.r, a.k_per_split);
-  if (e == cudaSuccess) e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv launch: ") + cudaGetErrorString(e));
+  launch_reassoc<T>(kernel, a, dim3((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits),
+                    wg ? re_threads<NJ, true>() : re_threads<NJ, false>(), smem, wg, stream);
+  }
 }
 
 using Fn = void (*)(const DecodeArgs&, cudaStream_t);
@@ -608,7 +718,9 @@ Fn pick_nj(int nj) {
     case 4: return run<T, BITS, 4>;
     case 6: return run<T, BITS, 6>;
     case 7: return run<T, BITS, 7>;
-    default: return run<T, BITS, 8>;
+    case 8: return run<T, BITS, 8>;
+    case 14: return run<T, BITS, 14>;
+    default: return run<T, BITS, 16>;
   }
 }
 
@@ -655,6 +767,14 @@ bool reassoc_uses_wgmma(long K, const void* x, const void* qweight, const void* 
 }
 
 bool reassoc_fits(int M, int r) { return M >= 1 && M <= kReassocMaxM && M * ((r + 7) / 8) * 8 <= 64; }
+bool reassoc_streamed_fits(int M, int r) {
+  const int cols = M * ((r + 7) / 8) * 8;
+  return M >= 1 && M <= kReassocMaxM && cols > 64 && cols <= 128;
+}
+size_t reassoc_z_bytes(int M, int r, long K) {
+  const int nj = column_tiles(M, r);
+  return z_streamed(nj) ? z_bytes(nj, K / kSuper) : 0;
+}
 
 static int block_rows(int nj, bool wg) {
   if (wg) return nj >= 8 ? rows_per_block<8, true>() : rows_per_block<4, true>();
@@ -667,6 +787,7 @@ static_assert(rows_per_block<2, true>() == 512 && rows_per_block<6, true>() == 5
 
 // The most superchunks one split may stage: table + staged Z under the device's cap (one block per SM).
 static long max_superchunks(int M, int r, int bits) {
+  if (z_streamed(column_tiles(M, r))) return 1L << 30;  // a ring of kZSlots whatever the split
   return std::max<long>(1, ((long)smem_cap() - lut_words(bits) * 4) / (long)z_bytes(column_tiles(M, r), 1));
 }
 

@@ -294,7 +294,9 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     if sms == 132:  # the H100 the fourth column was written for
         assert expect == fused
     other = 0 if M <= 16 else 1
-    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4 if expect else other))
+    streamed = M == 2 and 32 < r <= 56 and N >= 4096 and "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
+    path = 2 if streamed else 4 if expect else other  # two tokens at 32 < r <= 56: the streamed-Z kernel first
+    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path))
     assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
     assert rel(y_auto, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 
@@ -315,9 +317,49 @@ def test_reassociated_path_rejects_wide_inputs():
     x, qweight, B, A, cb, bias = make(5, 512, 1024, 8, 4)
     with pytest.raises(RuntimeError, match="path=2"):
         torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
-    x, qweight, B, A, cb, bias = make(1, 512, 1024, 65, 4)
-    with pytest.raises(RuntimeError, match="r=65"):
+    x, qweight, B, A, cb, bias = make(3, 512, 1024, 48, 4)  # 144 columns
+    with pytest.raises(RuntimeError, match="r=48"):
         torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
+    x, qweight, B, A, cb, bias = make(2, 512, 1024, 49, 4)  # 112 columns: path 2 (wgmma) only, not path 3
+    with pytest.raises(RuntimeError, match="path=3"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 3)
+
+
+def _streamed_z_ready():
+    feats = torch.ops.lords.cuda_features()
+    if "reassoc_wgmma_ready=1" not in feats:
+        pytest.skip(f"the streamed-Z re-associated kernel needs the sm_90a build on a 9.0 GPU ({feats})")
+
+
+@pytest.mark.parametrize("M,N,K,r", [(2, 1030, 1024, 49), (2, 300, 2048, 64), (1, 520, 1024, 65), (1, 256, 1024, 128),
+                                     (3, 777, 1024, 33), (4, 512, 1024, 32), (2, 4096, 4096, 49), (4, 300, 1024, 17)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reassociated_streamed_z(M, N, K, r, bits, dtype):
+    """Above 64 columns (M * ceil(r/8)*8 up to 128) path 2 writes Z = A * x once and streams it through a ring
+    of shared-memory slots: against the reference for every split count, and bit-identical across calls."""
+    _streamed_z_ready()
+    x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 7 + M + r)
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    for splits in (0, 1, 3, 8):
+        poison(M * N * 64)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, splits)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel(y, ref) < TOL, f"splits={splits}"
+    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, 8))
+    y0 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, None, 0)
+    y2 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, None, 2)
+    assert rel(y2, y0.float()) < TOL
+
+
+def test_reassociated_streamed_z_rejects_what_it_cannot_run():
+    _streamed_z_ready()
+    x, qweight, B, A, cb, bias = make(2, 4096, 1032, 49, 4)  # K not a multiple of 128
+    with pytest.raises(RuntimeError, match="above 64 columns"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2)
+    # The automatic path, which would take it for two tokens, runs another kernel there instead.
+    y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
+    assert rel(y, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
 
 
 def test_mixed_dtypes_custom_codebook():
