@@ -325,6 +325,17 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
       }
     }
   }
+  // Programmatic dependent launch (the host sets it on split-K launches, run() below): this grid may start while
+  // the previous kernel in the stream still runs, on the SMs its blocks leave (a split-K plan of 96 blocks leaves
+  // 36 of 132 idle; a tail's cluster reduction leaves more). Nothing that kernel may write (x, the weights, the
+  // codebook, bias, y) is read before griddepcontrol.wait; only L2 prefetch hints for the first two superchunks
+  // of this block's codes (one 128-byte line per row at 4 bits) go out first: L2 is the point of coherence, so a
+  // hint for a line being written is harmless. Without the launch attribute the wait returns at once.
+  if (gridDim.z > 1 && threadIdx.x < kRows) {
+    const long n = block_row0 + threadIdx.x;
+    if (n < N) prefetch_l2(qw + n * row_bytes + k0 * BITS / 8);
+  }
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = load_scalar(cb, cb_kind, threadIdx.x);
   // The barriers' initialization and lut; without producers the ring's first barrier orders lut.
   if constexpr (WS) __syncthreads();
@@ -568,6 +579,10 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
         if (base + d < nsc) superchunk(base + d, d);
     }
     wgmma_wait<0>();
+    // The next kernel may launch once every block of this one is here (the producers' copies are all issued
+    // by now): its blocks take the SMs that finished clusters leave, and wait for this grid to end before
+    // reading anything.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     // The accumulators were written behind the compiler's back: no read of them may move above the wait.
 #pragma unroll
     for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
@@ -628,8 +643,8 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 template <typename T, int BITS, int RT, int NTOK>
 struct Launch {
   cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  Launch(long tiles_n, long tiles_m, int splits, cudaStream_t stream) {
+  cudaLaunchAttribute attr[2];
+  Launch(long tiles_n, long tiles_m, int splits, cudaStream_t stream, bool pdl = true) {
     auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
     constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -642,8 +657,11 @@ struct Launch {
     attr[0].val.clusterDim.x = 1;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = (unsigned)splits;
+    // Programmatic dependent launch (see the kernel's griddepcontrol.wait).
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = pdl ? 2 : 1;
   }
 };
 
@@ -664,7 +682,7 @@ int active_clusters(int splits) {
   }
   int v = known[dev][splits].load(std::memory_order_relaxed);
   if (v > 0) return v - 1;
-  Launch<T, BITS, RT, NTOK> l(1, 1, splits, nullptr);
+  Launch<T, BITS, RT, NTOK> l(1, 1, splits, nullptr, /*pdl=*/false);  // the occupancy query: clusters alone
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, fused_gemm_kernel<T, BITS, RT, NTOK>, &l.cfg) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -677,7 +695,12 @@ int active_clusters(int splits) {
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
-  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream);
+  // PDL on split-K launches alone. H100, session 20 (bench/h100/session20/fused_pdl_ab), us without -> with:
+  // 4096x4096 r = 32 (3-4 splits) at 8 / 16 / 64 / 256 tokens 16.46 / 16.53 / 18.87 / 27.43 -> 16.06 / 16.14 /
+  // 18.60 / 26.98, 1024x4096 r = 12 (8 splits) at 4 / 16 / 64 7.43 / 7.87 / 9.34 -> 7.01 / 7.37 / 8.91; but one split
+  // (14336x4096 r = 49, 112 blocks) got slower at every tile, 4 / 16 / 64 / 256 tokens 47.59 / 47.87 / 51.65 / 76.72
+  // -> 49.86 / 50.31 / 54.26 / 77.84, as the direct decode kernel's PDL did on that shape (session 15); not profiled.
+  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream, a.splits > 1);
   const cudaError_t e = cudaLaunchKernelEx(&l.cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);

@@ -64,7 +64,13 @@ inline bool reassoc_preferred(int M, int r) { return M == 1 && r > 16 && r <= 64
 // session 19, us, automatic path before (the 16-token fused GEMM or the direct decode kernel) -> streamed Z:
 // 14336x4096 r = 49 47.6 -> 42.1, 4096x14336 r = 49 43.9 -> 39.4 (bench/h100/session19/streamed_z). Measured there
 // only, hence N >= 4096; not at 128 columns (4096x4096 r = 32 M = 3 / 4: 19.9 / 21.4 against 13.6 / 14.4 direct).
-inline bool reassoc_streamed_preferred(int M, int r, long N) { return M == 2 && r > 32 && r <= 56 && N >= 4096; }
+// One token above r = 64 (72..128 columns), likewise streamed, us, direct kernel -> streamed Z (H100, session 20,
+// bench/h100/session20/streamed_z_check and fused_pdl_ab): 4096x4096 r = 72 / 96 24.7 / 24.6 -> 17.1 / 17.8,
+// 14336x4096 r = 96 82.8 -> 40.3, 4096x14336 r = 128 77.3 -> 40.7; not at 1024x4096 r = 96 (path 2 11.4 against
+// 10.0), hence N >= 4096 again.
+inline bool reassoc_streamed_preferred(int M, int r, long N) {
+  return N >= 4096 && ((M == 2 && r > 32 && r <= 56) || (M == 1 && r > 64 && r <= 128));
+}
 // wg: the launch takes the wgmma variant (reassoc_uses_wgmma), whose blocks cover 512 rows.
 DecodePlan reassoc_plan(long N, long K, int r, int M, int bits, int sms, bool wg);
 DecodePlan reassoc_plan_with_splits(long N, long K, int r, int M, int bits, int splits, bool wg);

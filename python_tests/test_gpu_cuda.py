@@ -294,7 +294,7 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     if sms == 132:  # the H100 the fourth column was written for
         assert expect == fused
     other = 0 if M <= 16 else 1
-    streamed = M == 2 and 32 < r <= 56 and N >= 4096 and "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
+    streamed = N >= 4096 and (M == 2 and 32 < r <= 56 or M == 1 and 64 < r <= 128) and "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
     path = 2 if streamed else 4 if expect else other  # two tokens at 32 < r <= 56: the streamed-Z kernel first
     assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path))
     assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
@@ -352,6 +352,19 @@ def test_reassociated_streamed_z(M, N, K, r, bits, dtype):
     assert rel(y2, y0.float()) < TOL
 
 
+@pytest.mark.parametrize("M,N,r,streamed", [(1, 4096, 72, True), (1, 4096, 128, True), (1, 1024, 96, False),
+                                              (2, 4096, 49, True), (2, 4096, 64, False), (2, 2048, 49, False)])
+def test_reassociated_streamed_z_where_the_automatic_path_takes_it(M, N, r, streamed):
+    """Path -1 runs the streamed-Z kernel (path 2) for one token above r = 64 and two tokens at 32 < r <= 56, both
+    where N >= 4096 (csrc/lords_kernels.h, reassoc_streamed_preferred); these other cases the direct decode kernel
+    (path 0). Bit-identical to the path it takes, and against the reference."""
+    _streamed_z_ready()
+    x, qweight, B, A, cb, bias = make(M, N, 1024, r, 4, seed=M + r)
+    y_auto = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
+    assert rel(y_auto, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+    assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2 if streamed else 0))
+
+
 def test_reassociated_streamed_z_rejects_what_it_cannot_run():
     _streamed_z_ready()
     x, qweight, B, A, cb, bias = make(2, 4096, 1032, 49, 4)  # K not a multiple of 128
@@ -399,12 +412,13 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 16, 64, 256])
 def test_back_to_back_calls_read_inputs_written_just_before(M, graph):
-    """On a 9.0 GPU the one-token kernel starts before the previous kernel in the stream has ended (programmatic
-    dependent launch): every input written by the kernel right before a call (x, B, A, the codes; copy_
-    kernels here) and the previous call's workspace and counters must still be read after they are written.
-    Back-to-back calls, each after an in-place write of one input, eagerly and replayed from a CUDA graph."""
+    """On a 9.0 GPU the one-token kernel and the fused GEMM (M = 16, 64, 256 here: 4 bits, r = 32) start before
+    the previous kernel in the stream has ended (programmatic dependent launch): every input written by the
+    kernel right before a call (x, B, A, the codes, the codebook, the bias; copy_ kernels here) and the previous
+    call's workspace and counters must still be read after they are written. Back-to-back calls, each after an
+    in-place write of one input, eagerly and replayed from a CUDA graph."""
     N, K, r, bits = 4096, 4096, 32, 4
     x, qweight, B, A, cb, bias = make(M, N, K, r, bits, seed=21)
     gen = torch.Generator().manual_seed(22)
@@ -413,9 +427,11 @@ def test_back_to_back_calls_read_inputs_written_just_before(M, graph):
         "B": lambda: ((torch.rand(N, r, generator=gen) + 0.1) / math.sqrt(r)).to("cuda", B.dtype),
         "A": lambda: ((torch.rand(r, K, generator=gen) + 0.1) * (0.2 / math.sqrt(r))).to("cuda", A.dtype),
         "qweight": lambda: pack(torch.randint(0, 1 << bits, (N, K), generator=gen), bits).cuda(),
+        "cb": lambda: torch.sort(torch.randn(1 << bits, generator=gen))[0].to("cuda", cb.dtype),
+        "bias": lambda: torch.randn(N, generator=gen).to("cuda", bias.dtype),
     }
-    plan = [(name, new[name]()) for name in ("x", "B", "x", "A", "qweight", "x", "B", "x")]
-    inputs = {"x": x, "B": B, "A": A, "qweight": qweight}
+    plan = [(name, new[name]()) for name in ("x", "B", "x", "A", "qweight", "x", "cb", "bias", "B", "x")]
+    inputs = {"x": x, "B": B, "A": A, "qweight": qweight, "cb": cb, "bias": bias}
 
     def run():
         ys = []
@@ -437,7 +453,7 @@ def test_back_to_back_calls_read_inputs_written_just_before(M, graph):
     state = {k: v.clone() for k, v in inputs.items()}
     for (name, value), y in zip(plan, ys):
         state[name] = value
-        ref = ref_matmul(state["x"], state["qweight"], state["B"], state["A"], cb, bias)
+        ref = ref_matmul(state["x"], state["qweight"], state["B"], state["A"], state["cb"], state["bias"])
         assert rel(y, ref) < TOL, f"call after writing {name}"
 
 

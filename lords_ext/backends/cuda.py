@@ -3,7 +3,8 @@
 Ops it calls (registered by csrc/ops.cpp):
   torch.ops.lords.dequant_matmul_cuda(x2d, qweight, B, A, codebook, bias, path, splits)
       path -1: re-associated kernel for M = 1 and 16 < r <= 64 (csrc/reassoc_gemv.cu) and, on the sm_90a
-      build, for M = 2 with 32 < r <= 56 and N >= 4096 (Z = A * x streamed through shared memory), fused
+      build, for M = 2 with 32 < r <= 56 and M = 1 with 64 < r <= 128, both where N >= 4096 (Z = A * x
+      streamed through shared memory), fused
       tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
       re-associated kernel (M * ceil(r/8)*8 <= 64; on a 9.0 GPU with the default sm_90a build its
       wgmma variant, which also takes up to 128 columns with Z streamed, K % 128 == 0), path 3 the same kernel on mma.sync alone (for A/B timing), path 4 the fused wgmma
