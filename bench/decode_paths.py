@@ -8,7 +8,7 @@ bench/methods.py that are available (cuBLAS bf16, bitsandbytes NF4, torch int4, 
 bench_kernels.py (CUDA graphs over weight copies rotated past L2, median per call); each LoRDS path is
 checked against the fp32 reference before it is timed. Prints one table per shape and writes JSON.
 
-    python -m bench.decode_paths [--ms 1,2,4,8,16] [--shapes 4096x4096,1024x4096r49,...] [--sweep]
+    python -m bench.decode_paths [--ms 1,2,4,8,16] [--shapes 4096x4096,1024x4096r49,...] [--sweep] [--triton]
 
 A shape NxK takes the parity rank; NxKrR takes rank R instead.
 """
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,2,4,8,16")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--sweep", action="store_true", help="split-K sweeps of the direct and re-associated kernels")
+    p.add_argument("--triton", action="store_true",
+                   help="also time the Triton backend (the public op's choice where dispatch.POLICY puts it first)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "decode_paths.json"))
     a = p.parse_args(argv)
     if (rc := cuda_ready("decode_paths")) is not None:
@@ -81,6 +83,12 @@ def main(argv=None) -> int:
         lw = methods.LordsWeights(N, K, dev, rank=rank)
         cb = lw.codebook
         others = {}
+        triton = None
+        if a.triton:
+            try:
+                triton = methods.build("lords_triton", N, K, dev, lambda: lw)
+            except methods.Unavailable as e:
+                print(f"lords_triton: unavailable ({e})")
         for key in ("cublas", "bnb_nf4", "torch_int4"):
             try:
                 others[key] = methods.build(key, N, K, dev, lambda: lw)
@@ -113,6 +121,9 @@ def main(argv=None) -> int:
                 if a.sweep:
                     rec["reassoc_sweep"] = {sp: lords_path(2, sp)[0] for sp in (2, 4, 8, 16, 32)}
             rec["auto_us"], _ = lords_path(-1)
+            if triton is not None and triton.supports(x) is None:  # checked against the reference like the CUDA paths
+                rec["triton_us"], rec["triton_err"] = checked_us(lambda q, B, A: triton.call((q, B, A), x), lw.copies,
+                                                                 yref, 2e-2, f"Triton at N={N} K={K} M={M}")
             for key, c in others.items():
                 try:
                     rec[f"{key}_us"] = _time(c, x) if c.supports(x) is None else float("nan")
@@ -133,12 +144,13 @@ def main(argv=None) -> int:
     nan = float("nan")
     feats = torch.ops.lords.cuda_features()
     print(f"\n{feats}")
-    print("\n| N x K (r) | M | direct | re-assoc | re-assoc mma.sync | auto | cuBLAS | bnb NF4 | torch int4 | floor | auto/floor | bnb/auto | int4/auto |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| N x K (r) | M | direct | re-assoc | re-assoc mma.sync | auto | Triton | cuBLAS | bnb NF4 | torch int4 | floor | "
+          "auto/floor | bnb/auto | int4/auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in rows:
         au = d["auto_us"]
         print(f"| {d['N']}x{d['K']} ({d['r']}) | {d['M']} | {d['direct_us']:.2f} | {d.get('reassoc_us', nan):.2f} | "
-              f"{d.get('reassoc_mma_us', nan):.2f} | {au:.2f} | {d.get('cublas_us', nan):.2f} | {d.get('bnb_nf4_us', nan):.2f} | "
+              f"{d.get('reassoc_mma_us', nan):.2f} | {au:.2f} | {d.get('triton_us', nan):.2f} | {d.get('cublas_us', nan):.2f} | {d.get('bnb_nf4_us', nan):.2f} | "
               f"{d.get('torch_int4_us', nan):.2f} | {d['floor_us']:.2f} | {au / d['floor_us']:.2f} | "
               f"{d.get('bnb_nf4_us', nan) / au:.2f} | {d.get('torch_int4_us', nan) / au:.2f} |")
     return 0
