@@ -365,6 +365,14 @@ def test_reassociated_streamed_z_where_the_automatic_path_takes_it(M, N, r, stre
     assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2 if streamed else 0))
 
 
+def test_dispatch_describe_names_the_cuda_op_kernels():
+    text = dispatch.describe(torch.device("cuda"))
+    assert "re-associated kernel: M = 1 at 16 < r <= 64" in text
+    assert ("Z streamed" in text) == cuda_backend.reassoc_wgmma_ready(torch.device("cuda"))
+    assert ("reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()) == cuda_backend.reassoc_wgmma_ready(
+        torch.device("cuda"))
+
+
 def test_reassociated_streamed_z_rejects_what_it_cannot_run():
     _streamed_z_ready()
     x, qweight, B, A, cb, bias = make(2, 4096, 1032, 49, 4)  # K not a multiple of 128

@@ -69,6 +69,15 @@ def fused_gemm_ready(device: torch.device) -> bool:
     return "fused_gemm_ready=1" in _features(index)
 
 
+def reassoc_wgmma_ready(device: torch.device) -> bool:
+    """Can the re-associated kernel's wgmma variant run here (sm_90a build, compute capability 9.0): the one that
+    path -1 takes for M = 1 above r = 64 and M = 2 at 32 < r <= 56 (Z streamed), where N >= 4096."""
+    if not (available() and device.type == "cuda"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "reassoc_wgmma_ready=1" in _features(index)
+
+
 def supports(op: str, t: torch.Tensor, M: int) -> bool:
     if not (available() and t.is_cuda):
         return False

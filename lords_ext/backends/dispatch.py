@@ -319,6 +319,9 @@ def describe(device: torch.device | None = None) -> str:
                          f"up to {FUSED_MAX_SPLITS} splits each in one wave")
         else:
             lines.append("  fused wgmma GEMM: not runnable here (needs the sm_90a build on a 9.0 GPU)")
+        streamed = ("; with Z streamed (sm_90a) also M = 2 at 32 < r <= 56 and M = 1 at 64 < r <= 128, N >= 4096"
+                    if cuda_backend.reassoc_wgmma_ready(device) else "")
+        lines.append(f"  CUDA op, re-associated kernel: M = 1 at 16 < r <= 64{streamed}")
     if forced():
         lines.append(f"(forced by {ENV}={forced()})")
     return "\n".join(lines)
