@@ -37,7 +37,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -267,7 +266,7 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                       const void* __restrict__ bias, int bias_kind, T* __restrict__ y, int M, long N, long K, int r,
-                      int kc, int pdl) {
+                      int kc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool PAIRS = use_pairs(BITS, RT, NTOK);
   // k order inside a superchunk: natural at 4 bits (16-byte copies, codes exchanged in registers), the
@@ -326,13 +325,13 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
       }
     }
   }
-  // Programmatic dependent launch (`pdl`: the host sets it on split-K launches, run() below): this grid may start while
+  // Programmatic dependent launch (the host sets it on split-K launches, run() below): this grid may start while
   // the previous kernel in the stream still runs, on the SMs its blocks leave (a split-K plan of 96 blocks leaves
   // 36 of 132 idle; a tail's cluster reduction leaves more). Nothing that kernel may write (x, the weights, the
   // codebook, bias, y) is read before griddepcontrol.wait; only L2 prefetch hints for the first two superchunks
   // of this block's codes (one 128-byte line per row at 4 bits) go out first: L2 is the point of coherence, so a
   // hint for a line being written is harmless. Without the launch attribute the wait returns at once.
-  if (pdl && threadIdx.x < kRows) {
+  if (gridDim.z > 1 && threadIdx.x < kRows) {
     const long n = block_row0 + threadIdx.x;
     if (n < N) prefetch_l2(qw + n * row_bytes + k0 * BITS / 8);
   }
@@ -693,16 +692,6 @@ int active_clusters(int splits) {
   return n;
 }
 
-// LORDS_FUSED_PDL=1 / 0 puts the PDL attribute on every launch / on none, read once per process: for A/B timing
-// and profiling of the rule below within one build. Unset (or any other value): split-K launches only.
-int pdl_override() {
-  static const int v = [] {
-    const char* e = std::getenv("LORDS_FUSED_PDL");
-    return e != nullptr && (e[0] == '0' || e[0] == '1') && e[1] == '\0' ? e[0] - '0' : -1;
-  }();
-  return v;
-}
-
 template <typename T, int BITS, int RT, int NTOK>
 void run(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
@@ -711,12 +700,10 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
   // 18.60 / 26.98, 1024x4096 r = 12 (8 splits) at 4 / 16 / 64 7.43 / 7.87 / 9.34 -> 7.01 / 7.37 / 8.91; but one split
   // (14336x4096 r = 49, 112 blocks) got slower at every tile, 4 / 16 / 64 / 256 tokens 47.59 / 47.87 / 51.65 / 76.72
   // -> 49.86 / 50.31 / 54.26 / 77.84, as the direct decode kernel's PDL did on that shape (session 15); not profiled.
-  const bool pdl = pdl_override() >= 0 ? pdl_override() == 1 : a.splits > 1;
-  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream, pdl);
+  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream, a.splits > 1);
   const cudaError_t e = cudaLaunchKernelEx(&l.cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
-                                           a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split,
-                                           (int)pdl);
+                                           a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm launch: ") + cudaGetErrorString(e));
 }
 
