@@ -201,6 +201,20 @@ def test_wgmma_variant_runs_on_hopper():
     assert rel(y2, y3.float()) < 1e-2
 
 
+def check_over_splits(x, qweight, B, A, cb, bias, path, splits_list):
+    """Path `path` at every split count against the reference (poisoned memory first, so an element left unwritten
+    shows), and bit-identical across calls at the last count; returns that result."""
+    M, N = x.shape[0], B.shape[0]
+    ref = ref_matmul(x, qweight, B, A, cb, bias)
+    for splits in splits_list:
+        poison(M * N * 64)
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path, splits)
+        assert y.shape == (M, N) and y.dtype == x.dtype
+        assert rel(y, ref) < TOL, f"path={path} splits={splits}"
+    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path, splits_list[-1]))
+    return y
+
+
 def fused_gemm_ready() -> bool:
     return "fused_gemm_ready=1" in torch.ops.lords.cuda_features()
 
@@ -234,13 +248,7 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
     x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 41 + M + r)
-    ref = ref_matmul(x, qweight, B, A, cb, bias)
-    for splits in (0, 1, 2, 3, 8):
-        poison(M * N * 64)
-        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4, splits)
-        assert y.shape == (M, N) and y.dtype == dtype
-        assert rel(y, ref) < TOL, f"splits={splits}"
-    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4, 8))
+    y = check_over_splits(x, qweight, B, A, cb, bias, 4, (0, 1, 2, 3, 8))
     y1 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 1)
     assert rel(y, y1.float()) < TOL
 
@@ -340,13 +348,7 @@ def test_reassociated_streamed_z(M, N, K, r, bits, dtype):
     of shared-memory slots: against the reference for every split count, and bit-identical across calls."""
     _streamed_z_ready()
     x, qweight, B, A, cb, bias = make(M, N, K, r, bits, dtype, seed=bits * 7 + M + r)
-    ref = ref_matmul(x, qweight, B, A, cb, bias)
-    for splits in (0, 1, 3, 8):
-        poison(M * N * 64)
-        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, splits)
-        assert y.shape == (M, N) and y.dtype == dtype
-        assert rel(y, ref) < TOL, f"splits={splits}"
-    assert torch.equal(y, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 2, 8))
+    check_over_splits(x, qweight, B, A, cb, bias, 2, (0, 1, 3, 8))
     y0 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, None, 0)
     y2 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, None, 2)
     assert rel(y2, y0.float()) < TOL
