@@ -61,21 +61,23 @@ def _features(index: int) -> str:
         return torch.ops.lords.cuda_features()
 
 
-def fused_gemm_ready(device: torch.device) -> bool:
-    """Can the fused wgmma GEMM (path 4) run on this device: built with sm_90a code, compute capability 9.0."""
+def _feature_ready(device: torch.device, flag: str) -> bool:
+    """`flag` (e.g. "fused_gemm_ready") is 1 in cuda_features() for this device."""
     if not (available() and device.type == "cuda"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return "fused_gemm_ready=1" in _features(index)
+    return f"{flag}=1" in _features(index)
+
+
+def fused_gemm_ready(device: torch.device) -> bool:
+    """Can the fused wgmma GEMM (path 4) run on this device: built with sm_90a code, compute capability 9.0."""
+    return _feature_ready(device, "fused_gemm_ready")
 
 
 def reassoc_wgmma_ready(device: torch.device) -> bool:
     """Can the re-associated kernel's wgmma variant run here (sm_90a build, compute capability 9.0): the one that
     path -1 takes for M = 1 above r = 64 and M = 2 at 32 < r <= 56 (Z streamed), where N >= 4096."""
-    if not (available() and device.type == "cuda"):
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return "reassoc_wgmma_ready=1" in _features(index)
+    return _feature_ready(device, "reassoc_wgmma_ready")
 
 
 def supports(op: str, t: torch.Tensor, M: int) -> bool:
