@@ -38,6 +38,7 @@
 #include "wgmma_rs.cuh"
 
 #include <algorithm>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -621,6 +622,26 @@ __global__ void __launch_bounds__(256) reassoc_z_kernel(const T* __restrict__ x,
   }
 }
 
+// Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB needs it, and a
+// launch that exceeds the opt-in fails with "invalid argument". `done` is the caller's flag per device for its set
+// of kernels; throws where `smem` is over the cap.
+template <typename T>
+using ReassocKernel = decltype(&reassoc_kernel<T, 4, 8, true, 1, true>);  // every instantiation's signature for T
+template <typename T>
+void opt_in_shared_memory(bool (&done)[64], std::initializer_list<ReassocKernel<T>> kernels, size_t smem) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const size_t cap = smem_cap();
+  if (dev < 0 || dev >= 64 || !done[dev]) {
+    for (auto k : kernels) {
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
+      if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
+    }
+    if (dev >= 0 && dev < 64) done[dev] = true;
+  }
+  if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
+}
+
 // cudaLaunchKernelEx with programmatic dependent launch where `pdl` (see the kernel's griddepcontrol.wait).
 template <typename T, typename Kernel>
 void launch_reassoc(Kernel kernel, const DecodeArgs& a, dim3 grid, int threads, size_t smem, bool pdl,
@@ -652,16 +673,8 @@ void run_streamed(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = a.M == 1 ? reassoc_kernel<T, BITS, NJ, true, 1, true> : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>;
   const size_t smem = smem_bytes(BITS, NJ, 0);
   static bool opted_in[64] = {false};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1, true>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}) {
-      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_cap());
-      if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
-    }
-    if (dev >= 0 && dev < 64) opted_in[dev] = true;
-  }
-  if (smem > smem_cap()) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
+  opt_in_shared_memory<T>(opted_in, {reassoc_kernel<T, BITS, NJ, true, 1, true>,
+                                  reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}, smem);
   const long items = a.K / kSuper * 4 * NJ * 32;
   reassoc_z_kernel<T, NJ><<<(unsigned)std::min<long>((items + 255) / 256, 4096), 256, 0, stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.A), static_cast<uint32_t*>(const_cast<void*>(a.zbuf)), a.M,
@@ -673,11 +686,9 @@ void run_streamed(const DecodeArgs& a, cudaStream_t stream) {
                     smem, true, stream);
 }
 
+// Up to 8 column tiles: Z staged by each block (the one-token path or the general one), no Z buffer.
 template <typename T, int BITS, int NJ>
-void run(const DecodeArgs& a, cudaStream_t stream) {
-  if constexpr (z_streamed(NJ)) {
-    run_streamed<T, BITS, NJ>(a, stream);
-  } else {
+void run_staged(const DecodeArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x, a.qweight, a.A};
   const bool fast = vector_path_ok(a.K, ptrs, 3);
   const bool wg = a.wgmma && fast;  // the caller decided with reassoc_uses_wgmma, which implies fast
@@ -686,27 +697,22 @@ void run(const DecodeArgs& a, cudaStream_t stream) {
                            : (wg ? reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>
                                  : reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>);
   const size_t smem = smem_bytes(BITS, NJ, a.k_per_split / kSuper);
-  // Opt in once per device to the plan's cap (smem_cap): dynamic + static shared memory over 48 KB
-  // needs it, and a launch that exceeds the opt-in fails with "invalid argument".
   static bool opted_in[64] = {false};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const size_t cap = smem_cap();
-  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    for (auto k : {reassoc_kernel<T, BITS, NJ, true, 1, false>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>,
-                   reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>, reassoc_kernel<T, BITS, NJ, true, 1, true>,
-                   reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}) {
-      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cap);
-      if (e != cudaSuccess) throw std::runtime_error(std::string("lords reassoc_gemv: ") + cudaGetErrorString(e));
-    }
-    if (dev >= 0 && dev < 64) opted_in[dev] = true;
-  }
-  if (smem > cap) throw std::runtime_error("lords reassoc_gemv: shared memory plan over the device's limit");
+  opt_in_shared_memory<T>(opted_in, {reassoc_kernel<T, BITS, NJ, true, 1, false>, reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, false>,
+                                  reassoc_kernel<T, BITS, NJ, false, kReassocMaxM, false>, reassoc_kernel<T, BITS, NJ, true, 1, true>,
+                                  reassoc_kernel<T, BITS, NJ, true, kReassocMaxM, true>}, smem);
   const int rows = wg ? rows_per_block<NJ, true>() : rows_per_block<NJ, false>();
   // Programmatic dependent launch where the sm_90a image runs (see the kernel's griddepcontrol.wait).
   launch_reassoc<T>(kernel, a, dim3((unsigned)((a.N + rows - 1) / rows), (unsigned)a.splits),
                     wg ? re_threads<NJ, true>() : re_threads<NJ, false>(), smem, wg, stream);
-  }
+}
+
+template <typename T, int BITS, int NJ>
+void run(const DecodeArgs& a, cudaStream_t stream) {
+  if constexpr (z_streamed(NJ))
+    run_streamed<T, BITS, NJ>(a, stream);
+  else
+    run_staged<T, BITS, NJ>(a, stream);
 }
 
 using Fn = void (*)(const DecodeArgs&, cudaStream_t);
