@@ -302,7 +302,7 @@ def test_fused_gemm_where_the_automatic_path_takes_it(M, N, r, fused):
     if sms == 132:  # the H100 the fourth column was written for
         assert expect == fused
     other = 0 if M <= 16 else 1
-    streamed = N >= 4096 and (M == 2 and 32 < r <= 56 or M == 1 and 64 < r <= 128) and "reassoc_wgmma_ready=1" in torch.ops.lords.cuda_features()
+    streamed = N >= 4096 and (M == 2 and 32 < r <= 56 or M == 1 and 64 < r <= 128) and cuda_backend.reassoc_wgmma_ready(x.device)
     path = 2 if streamed else 4 if expect else other  # two tokens at 32 < r <= 56: the streamed-Z kernel first
     assert torch.equal(y_auto, torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, path))
     assert dispatch.fused_gemm_first(x.device, M, r, 1024, N) == expect
@@ -334,8 +334,8 @@ def test_reassociated_path_rejects_wide_inputs():
 
 
 def _streamed_z_ready():
-    feats = torch.ops.lords.cuda_features()
-    if "reassoc_wgmma_ready=1" not in feats:
+    if not cuda_backend.reassoc_wgmma_ready(torch.device("cuda")):
+        feats = torch.ops.lords.cuda_features()
         pytest.skip(f"the streamed-Z re-associated kernel needs the sm_90a build on a 9.0 GPU ({feats})")
 
 
