@@ -14,7 +14,7 @@ def hopper(monkeypatch):
                                        (2, 12, "cuda"), (4, 12, "triton"), (16, 12, "triton"),
                                        (1, 49, "cuda"), (2, 49, "cuda"), (4, 49, "cuda"), (8, 49, "cuda"),
                                        (16, 49, "cuda"), (17, 49, "triton"),
-                                       (1, 65, "triton"), (2, 65, "triton"),
+                                       (1, 65, "cuda"), (1, 128, "cuda"), (2, 65, "triton"),
                                        (64, 16, "triton"), (65, 16, "cuda"), (4096, 32, "cuda")])
 def test_policy_on_hopper(hopper, M, r, first):
     order = dispatch.candidates(torch.device("cuda"), M, r)

@@ -60,6 +60,13 @@ csrc/dequant.cu + cuBLAS.) So CUDA leads up to M = 2 for r <= 64, up to M = 8 fo
 M = 16 for 32 < r <= 64, and from M = 65 on; Triton in between, except where the fused wgmma GEMM goes first
 (below: 32 < r <= 64 on Hopper from M = 6, sessions 10-12; r <= 32 at 4 bits from M = 17, session 17). GPUs
 before sm_80 get no fused kernel.
+
+One token above r = 64 goes to CUDA first as well (session 21, `python -m bench.decode_paths --ms 1 --triton`,
+bench/h100/session21/stream_k_check/tr.json), us, CUDA's direct kernel (the only one on GPUs before Hopper) / the
+CUDA op's automatic path (streamed-Z re-associated kernel on sm_90a where N >= 4096) / Triton:
+
+    4096x4096 r=96   M=1: 25.2 / 18.1 / 32.9 | 14336x4096 r=96 M=1: 83.9 / 39.9 / 100.0
+    1024x4096 r=96   M=1: 10.1 / 10.0 / 13.0
 """
 from __future__ import annotations
 
@@ -73,6 +80,7 @@ from . import available, get, names
 ENV = "LORDS_BACKEND"
 
 POLICY: list[tuple[tuple[int, int], int | None, int | None, tuple[str, ...]]] = [
+    ((8, 0), 1, None, ("cuda", "triton", "reference")),
     ((8, 0), 2, 64, ("cuda", "triton", "reference")),
     ((8, 0), 8, 16, ("triton", "cuda", "reference")),
     ((8, 0), 8, 64, ("cuda", "triton", "reference")),
