@@ -12,6 +12,7 @@ call); every LoRDS path is checked against the fp32 reference before it is timed
 
     python -m bench.dequant_paths [--ms 32,64,256,1024,4096] [--shapes 4096x4096,...] [--fused-splits 1,2,4]
     python -m bench.dequant_paths --no-dequant ...   (the y rows alone; --no-triton: without Triton's)
+    python -m bench.dequant_paths --stream-k 0,264 ...  (also path 5, the stream-K fused GEMM, on that many blocks)
 
 A shape NxK takes the parity rank; NxKrR takes rank R instead (bench.decode_paths.parse_shape).
 """
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="32,64,256,1024,4096")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--fused-splits", default="", help="split counts to time path 4 at, besides its own plan")
+    p.add_argument("--stream-k", default="",
+                   help="block counts to time path 5 (the fused GEMM's stream-K schedule, 4 bits) at; 0 = one per SM")
     p.add_argument("--no-dequant", action="store_true", help="skip the dequantize-pass timings")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton backend's y rows (its autotuning)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "dequant_paths.json"))
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     ms = [int(m) for m in a.ms.split(",") if m]
     fused = "fused_gemm_ready=1" in torch.ops.lords.cuda_features()
     fsplits = [int(v) for v in a.fused_splits.split(",") if v]
+    sk_blocks = [int(v) for v in a.stream_k.split(",") if v] if fused else []
     rows = []
     for shape in a.shapes.split(","):
         N, K, rank = parse_shape(shape)
@@ -89,6 +93,8 @@ def main(argv=None) -> int:
                 for sp in [0] + fsplits:
                     mm(f"cuda_fused_s{sp}",
                        lambda q, B, A, sp=sp: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 4, sp))
+            for nb in sk_blocks:
+                mm(f"cuda_sk_b{nb}", lambda q, B, A, nb=nb: torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, 5, nb))
             if not a.no_triton:
                 mm("triton", lambda q, B, A: triton_backend.dequant_matmul(x, q, B, A, cb))
             mm("op", lambda q, B, A: torch.ops.lords.dequant_matmul(x, q, B, A, cb, None))
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
         json.dump(rows, f, indent=1)
     if not a.no_dequant:
         print_dequant(rows)
-    print_matmul(rows, [f"cuda_fused_s{sp}" for sp in [0] + fsplits] if fused else [])
+    print_matmul(rows, ([f"cuda_fused_s{sp}" for sp in [0] + fsplits] if fused else [])
+                 + [f"cuda_sk_b{nb}" for nb in sk_blocks])
     return 0
 
 
@@ -119,7 +126,8 @@ def print_dequant(rows) -> None:
 
 
 def print_matmul(rows, fcols) -> None:
-    head = (["N x K (r)", "M", "cuda dequant+mm"] + [c.replace("cuda_fused_s", "fused s=") for c in fcols]
+    head = (["N x K (r)", "M", "cuda dequant+mm"]
+            + [c.replace("cuda_fused_s", "fused s=").replace("cuda_sk_b", "stream-K b=") for c in fcols]
             + ["triton", "op", "cuBLAS", "cuBLAS / cuda best", "cuBLAS / op"])
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

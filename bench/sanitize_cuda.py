@@ -20,7 +20,9 @@ CASES += ([(40, 300, 1024, 32, 4, 4), (130, 777, 2048, 49, 3, 4), (300, 200, 102
            # the 16- and 64-token tiles' whole-superchunk scale (4 bits; 64 tokens above r = 32), rings wrapping
            (12, 300, 4096, 49, 4, 4), (3, 520, 1024, 20, 4, 4), (50, 300, 4096, 49, 4, 4),
            # 6 and 8 splits of the 128- and 256-token tiles (one superchunk per split at K = 1024)
-           (128, 1000, 1024, 12, 4, 4, 8), (256, 1030, 1024, 20, 4, 4, 8), (200, 2048, 1024, 21, 4, 4, 6)]
+           (128, 1000, 1024, 12, 4, 4, 8), (256, 1030, 1024, 20, 4, 4, 8), (200, 2048, 1024, 21, 4, 4, 6),
+           # the stream-K schedule (path 5; the last element is the block count): tiles cut in two and three
+           (16, 1030, 1024, 32, 4, 5, 13), (200, 777, 2048, 49, 4, 5, 7), (64, 300, 4096, 17, 4, 5, 0)]
           if "fused_gemm_ready=1" in torch.ops.lords.cuda_features() else [])
 for (M, N, K, r, bits, path, *splits) in CASES:
     g = torch.Generator().manual_seed(M)

@@ -257,16 +257,26 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "memory");
   } while (!done);
 }
+// Stream-K flags: a block raises its own after parking its partial (release), the finalizing block waits for it
+// (acquire) and lowers it again.
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 // The consumer warpgroups alone (the producers are elsewhere): named barrier 1.
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 #endif
 
-template <typename T, int BITS, int RT, int NTOK>
+template <typename T, int BITS, int RT, int NTOK, bool SK = false>
 __global__ void __launch_bounds__(block_threads(BITS), 1)
     fused_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const T* __restrict__ Bm,
                       const T* __restrict__ A, const void* __restrict__ cb, int cb_kind,
                       const void* __restrict__ bias, int bias_kind, T* __restrict__ y, int M, long N, long K, int r,
-                      int kc) {
+                      int kc, float* __restrict__ sk_ws, int* __restrict__ sk_flags, int sk_blocks) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool PAIRS = use_pairs(BITS, RT, NTOK);
   // k order inside a superchunk: natural at 4 bits (16-byte copies, codes exchanged in registers), the
@@ -309,11 +319,72 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   const uint32_t empty_s = static_cast<uint32_t>(__cvta_generic_to_shared(empty_bar));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const long block_row0 = (long)blockIdx.x * kRows;
-  const long row0 = block_row0 + warp * 16;  // warp w % 4 of warpgroup w / 4: rows 16 (w % 4) of its 64
-  const int tok0 = blockIdx.y * NTOK;
-  const long k0 = (long)blockIdx.z * kc;
-  const int nsc = (int)(min_l(K - k0, kc) / kSuper);  // K % 128 == 0 on this path
+  // Split-K (sk_blocks == 0): the block's tile is (blockIdx.x, blockIdx.y), its K range split blockIdx.z. Stream-K
+  // (sk_blocks > 0, 4 bits only, a 1-D grid of sk_blocks blocks and no clusters): the work is `units` superchunks,
+  // tile-major (tile = row block + token tile x row blocks), and block b takes units [b U / G, (b + 1) U / G): any
+  // number of blocks fills the GPU in one wave, where split-K clusters come in whole tiles x splits (14336x4096:
+  // 112 tiles on 132 SMs; 4096x4096: three splits of 32 tiles, as four-block clusters take a second wave). A block
+  // runs its range as one segment per tile, the last tile first: only that one can end before its tile does (every
+  // earlier tile of the range ends inside the range), so the block parks that
+  // partial in the workspace (slot b) and raises its flag before it waits for anyone; a segment that ends its
+  // tile adds the partials of the lower-numbered blocks that began the tile, in block order (deterministic), and
+  // writes y. Lower-numbered blocks are dispatched first, and each raises its flag before its own waits: no
+  // deadlock.
+  // SK: a separate instantiation, so that the split-K kernels keep their registers (the segment loop took the
+  // 64- and 128-token consumers to the 168-register cap, with spills).
+  constexpr bool sk = SK;
+  // The schedule, in 32-bit unsigned arithmetic (the host keeps units x blocks below 2^32), is computed afresh where
+  // it is needed, from the block index read by a volatile asm (no common subexpression): kept live across the main
+  // loop, it took the uniform registers that the split-K kernels give the wgmma descriptors, which then lived in
+  // vector registers (two R2UR per wgmma, ~20 % more main-loop instructions than split-K; SASS and ncu, session 21).
+  // A 64-bit division here became a subroutine call.
+  struct Segment {
+    unsigned tile, u0, u1;  // its tile; its units [u0, u1)
+    int count;              // segments of this block
+    bool first, final;      // it begins / ends its tile
+  };
+  auto segment = [&](int i) {
+    Segment sg{0u, 0u, 0u, 1, true, true};
+    if constexpr (SK) {
+      unsigned b;
+      asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(b));
+      const unsigned tiles_n = (unsigned)((N + kRows - 1) / kRows), k_super = (unsigned)(K / kSuper);
+      const unsigned units = tiles_n * (unsigned)((M + NTOK - 1) / NTOK) * k_super, G = (unsigned)sk_blocks;
+      const unsigned u_begin = b * units / G, u_end = (b + 1) * units / G;
+      const unsigned t_last = u_end > 0 ? (u_end - 1) / k_super : 0u;
+      sg.count = u_end > u_begin ? (int)(t_last - u_begin / k_super + 1) : 0;
+      sg.tile = t_last - (unsigned)i;
+      sg.u0 = max(u_begin, sg.tile * k_super);
+      sg.u1 = min(u_end, (sg.tile + 1) * k_super);
+      sg.first = sg.u0 == sg.tile * k_super;
+      sg.final = sg.u1 == (sg.tile + 1) * k_super;
+    }
+    return sg;
+  };
+  const int nseg = segment(0).count;
+  if constexpr (!SK) (void)sk_blocks;
+  long block_row0 = (long)blockIdx.x * kRows;
+  long row0 = block_row0 + warp * 16;  // warp w % 4 of warpgroup w / 4: rows 16 (w % 4) of its 64
+  int tok0 = blockIdx.y * NTOK;
+  long k0 = (long)blockIdx.z * kc;
+  int nsc = (int)(min_l(K - k0, kc) / kSuper);  // K % 128 == 0 on this path
+  // Segment i of this block (stream-K: tile t_last - i): its rows, tokens and K range.
+  auto set_segment = [&](int i) {
+    if constexpr (SK) {
+      const Segment sg = segment(i);
+      const unsigned tiles_n = (unsigned)((N + kRows - 1) / kRows), k_super = (unsigned)(K / kSuper);
+      unsigned tile_m = sg.tile / tiles_n, tile_n = sg.tile - tile_m * tiles_n;
+      // Opaque to the optimizer, which otherwise widened this remainder to a 64-bit division (a subroutine call).
+      asm("" : "+r"(tile_m), "+r"(tile_n));
+      block_row0 = (long)tile_n * kRows;
+      row0 = block_row0 + warp * 16;
+      tok0 = (int)tile_m * NTOK;
+      k0 = (long)(sg.u0 - sg.tile * k_super) * kSuper;
+      nsc = (int)(sg.u1 - sg.u0);
+    } else {
+      (void)i;
+    }
+  };
   const long row_bytes = K * BITS / 8;
   const bool producer = WS && threadIdx.x >= kThreads;
 
@@ -346,29 +417,34 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
     // thread's cp.async.mbarrier.arrive fires on `full` when its copies have landed, so the producers never
     // wait for data (the first version waited for its own copy groups before arriving, and had one warp).
     const int tid = threadIdx.x - kThreads;
-    if constexpr (kHalves) {
-      // Half p (superchunk p / 2, k-tiles 4 (p % 2) ..) goes into half slot p % 4: slot (p % 4) / 2, half p % 2.
-      for (int p = 0; p < 2 * nsc; ++p) {
-        const int q = p % kBars, h = q % 2;
-        if (p >= kBars) mbar_wait(empty_s + 8 * q, ((p / kBars) + 1) & 1);
-        const uint32_t slot = ring_s + (q / 2) * slot_bytes(BITS, RT, NTOK);
-        const long kb = k0 + (long)(p / 2) * kSuper;
-        copy_A_mn_half<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid, h);
-        copy_x_half<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid, h);
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * q) : "memory");
-      }
-    } else {
-      for (int it = 0; it < nsc; ++it) {
-        const int sl = it % kRing;
-        if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
-        const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
-        const long kb = k0 + (long)it * kSuper;
-        copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
-        copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
+    // g: superchunks handed over in earlier segments (stream-K), the ring's running index.
+    for (int seg = 0, g = 0; seg < nseg; g += nsc, ++seg) {
+      set_segment(seg);
+      if constexpr (kHalves) {
+        // Half p (superchunk p / 2, k-tiles 4 (p % 2) ..) goes into half slot p % 4: slot (p % 4) / 2, half p % 2.
+        for (int pl = 0; pl < 2 * nsc; ++pl) {
+          const int p = 2 * g + pl, q = p % kBars, h = q % 2;
+          if (p >= kBars) mbar_wait(empty_s + 8 * q, ((p / kBars) + 1) & 1);
+          const uint32_t slot = ring_s + (q / 2) * slot_bytes(BITS, RT, NTOK);
+          const long kb = k0 + (long)(pl / 2) * kSuper;
+          copy_A_mn_half<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid, h);
+          copy_x_half<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid, h);
+          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * q) : "memory");
+        }
+      } else {
+        for (int il = 0; il < nsc; ++il) {
+          const int it = g + il, sl = it % kRing;
+          if (it >= kRing) mbar_wait(empty_s + 8 * sl, ((it / kRing) + 1) & 1);
+          const uint32_t slot = ring_s + sl * slot_bytes(BITS, RT, NTOK);
+          const long kb = k0 + (long)il * kSuper;
+          copy_A_mn<T, RT, kProducers>(slot + x_slot_bytes(NTOK), A, r, K, kb, tid);
+          copy_x_natural<T, NTOK, kProducers>(slot, x, M, tok0, K, kb, tid);
+          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_s + 8 * sl) : "memory");
+        }
       }
     }
     cp_async_wait<0>();
+    if (sk) return;  // no cluster, no shared epilogue: the consumers write y themselves
     // The producers leave here, after the epilogue's two cluster barriers: code shared with the consumers after
     // a setmaxnreg would be compiled for the producers' registers.
     cluster_sync();
@@ -387,221 +463,298 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
           c[hh].clear();
       }
     };
+    // Stream-K: a segment that does not end its tile parks acc in workspace slot blockIdx.x (layout [i][thread]:
+    // coalesced) and raises the block's flag; one that ends it adds the parked partials of the blocks that began
+    // the tile (lower-numbered), in block order, then writes y and the bias straight from the registers.
+    auto stream_k_epilogue = [&](float (&acc)[NTOK / 2], int seg) {
+      const int ct = threadIdx.x;  // consumer thread, 0..255
+      const Segment sg = segment(seg);
+      if (!sg.final) {
+        float* slot = sk_ws + (long)blockIdx.x * (NTOK / 2) * kThreads;
+#pragma unroll
+        for (int i = 0; i < NTOK / 2; ++i) __stcg(slot + i * kThreads + ct, acc[i]);
+        __threadfence();
+        consumer_sync();
+        if (ct == 0) st_release_gpu(sk_flags + blockIdx.x, 1);
+        return;
+      }
+      if (!sg.first) {
+        // The block holding the tile's first unit (the largest b with b U / G <= u, rounded down).
+        const unsigned k_super = (unsigned)(K / kSuper), G = (unsigned)sk_blocks;
+        const unsigned units = (unsigned)((N + kRows - 1) / kRows) * (unsigned)((M + NTOK - 1) / NTOK) * k_super;
+        const unsigned u = sg.tile * k_super;
+        const int b_first = (int)(((u + 1) * G - 1) / units);
+        if (ct == 0) {
+          for (int b = b_first; b < (int)blockIdx.x; ++b) {
+            while (ld_acquire_gpu(sk_flags + b) != 1) {
+            }
+            sk_flags[b] = 0;  // zeroed for the next launch, which reads nothing before this grid has ended
+          }
+          __threadfence();
+        }
+        consumer_sync();
+#pragma unroll
+        for (int i = 0; i < NTOK / 2; ++i) {
+          float sum = 0.f;
+          for (int b = b_first; b < (int)blockIdx.x; ++b) sum += __ldcg(sk_ws + ((long)b * (NTOK / 2) + i) * kThreads + ct);
+          acc[i] = sum + acc[i];
+        }
+      }
+      // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
+      float bv[2];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const long n = block_row0 + warp * 16 + g + 8 * hh;
+        bv[hh] = bias != nullptr && n < N ? load_scalar(bias, bias_kind, n) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < NTOK / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const long n = block_row0 + warp * 16 + g + 8 * (i / 2);
+          const int m = tok0 + 8 * j + 2 * t + (i % 2);
+          if (n < N && m < M) y[(long)m * N + n] = Mma<T>::from_float(acc[4 * j + i] + bv[i / 2]);
+        }
+    };
     // Superchunks of codes in flight per warp. At 64 tokens a superchunk is shorter than the DRAM latency:
     // with one ahead, the code exchange of the next superchunk waited on its loads (ncu, 14336x4096, 64
     // tokens: long-scoreboard stalls on natural_quads, session 10).
     constexpr int kCodeDepth = NTOK <= 128 ? 2 : 1;
-    Codes<BITS> ahead_codes[kCodeDepth][2];
+    // g0: superchunks of the earlier segments (stream-K), the mbarrier ring's running index.
+    int g0 = 0;
+    // One segment (split-K: the block's tile). Stream-K blocks have one or two (at least one block per tile, the
+    // host's rule), run as two straight-line calls: with a loop over segments ptxas kept the main loop's wgmma
+    // descriptors in vector registers (two R2UR per wgmma, ~20 % more main-loop instructions than split-K; SASS and
+    // ncu of the first version, session 21).
+    auto run_segment = [&](int seg) {
+      set_segment(seg);
+      Codes<BITS> ahead_codes[kCodeDepth][2];
 #pragma unroll
-    for (int d = 0; d < kCodeDepth; ++d) {
-      if (d < nsc)
-        load_codes(ahead_codes[d], d);
-      else
-        ahead_codes[d][0].clear(), ahead_codes[d][1].clear();
-    }
-
-    // Without producers (2 and 3 bits: every 4-bit tile has them) every consumer thread copies its share of a
-    // superchunk, kAhead ahead.
-    static_assert(WS == NAT, "the producers copy exactly the natural-order (4-bit) tiles");
-    auto fill = [&](int sc) {
-      if (sc < nsc) {
-        const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
-        const long kb = k0 + (long)sc * kSuper;
-        copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb);
-        copy_x_async<T, NTOK>(slot, x, M, tok0, K, kb);
-      }
-      cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
-    };
-    if constexpr (!WS) {
-#pragma unroll
-      for (int sc = 0; sc < kAhead; ++sc) fill(sc);
-    }
-
-    uint32_t bf[RT][4];
-    load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
-    // The pair table exists at 4 bits, where the producers copy: the consumers build it.
-    static_assert(!PAIRS || WS, "the pair table is built by the consumers alone");
-    if constexpr (PAIRS) {
-      build_pair_table(smem_dyn, lut, threadIdx.x, kThreads);
-      consumer_sync();
-    }
-    [[maybe_unused]] const uint32_t lane8 = 8u * lane;
-    [[maybe_unused]] const uint32_t a_lane = a_frag_lane_offset(lane);
-
-    float acc[NTOK / 2];
-#pragma unroll
-    for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
-
-    // Half (or slot) p has landed. cp.async wrote it through the generic proxy, the tensor cores read it through
-    // the async one: the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
-    [[maybe_unused]] auto wait_full = [&](int p) {
-      mbar_wait(full_s + 8 * (p % kBars), (p / kBars) & 1);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    };
-    // Codes kCodeDepth superchunks ahead, in registers: the superchunk loop is unrolled by kCodeDepth so every
-    // index into ahead_codes is a constant.
-    auto superchunk = [&](int sc, int d) {
-      if constexpr (WS) {
-        wait_full(kHalves ? 2 * sc : sc);  // the first half (or the whole slot)
-      } else {
-        // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
-        // through the generic proxy and the tensor cores read it through the async one, hence the fence.
-        cp_async_wait<kAhead - 1>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        fill(sc + kAhead);
-      }
-      Codes<BITS> cur[2] = {ahead_codes[d][0], ahead_codes[d][1]};
-      if constexpr (NAT) {  // here, kCodeDepth superchunks after the load was issued: its data is in
-        natural_quads(cur[0].w, t);
-        natural_quads(cur[1].w, t);
-      }
-      if (sc + kCodeDepth < nsc) load_codes(ahead_codes[d], sc + kCodeDepth);
-
-      const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
-      const uint64_t xbase = x_base_desc(slot);
-      // 4 bits: the eight code values of k-tile s (no scale needed: they go before the wait for it) ...
-      [[maybe_unused]] auto look_up = [&](float (&lv)[8], int s) {
-        if constexpr (PAIRS)
-          lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+      for (int d = 0; d < kCodeDepth; ++d) {
+        if (d < nsc)
+          load_codes(ahead_codes[d], d);
         else
-          lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
-      };
-      // ... times the scale tile's eight values sv, which a wgmma wrote behind the compiler's back: no read of them
-      // may move above the wait for it.
-      [[maybe_unused]] auto scaled_weights = [&](uint32_t (&wf)[4], const float (&lv)[8], float* sv) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sv[i])::"memory");
-        pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sv[0]), reinterpret_cast<const float(&)[4]>(sv[4]));
-      };
-      if constexpr (kWholeScale) {
-        // The superchunk's whole scale tile first, as two groups (k-tiles 0-3, 4-7; m64n64k16 per 16 ranks), then
-        // the eight products: the warps wait for a scale group twice per superchunk instead of once per k-tile.
-        // Group order: S[0], S[1], main(0), main(1), ...: at k-tile 4 `wait<2>` retires S[1] (and every main but
-        // the last two), at k-tiles 5-7 it keeps two mains in flight (their W fragments stay live until retired).
-        const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
-        uint64_t sdesc[2][RT];  // before the fence (computed between wgmma.fence and a wgmma, ptxas serializes)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int c = 0; c < RT; ++c) sdesc[h][c] = a_mn_desc(abase, 4 * h, c);
-        float sw[2][32];
-        wgmma_fence();
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int c = 0; c < RT; ++c) WgmmaRSTransB<T, 64>::run(sw[h], bf[c], sdesc[h][c], c);
-          wgmma_commit();
-        }
-#pragma unroll
-        for (int s = 0; s < 8; ++s) {
-          float lv[8];
-          look_up(lv, s);
-          if (s == 0) wgmma_wait<1>();  // S[0]
-          if (s >= 4) wgmma_wait<2>();  // S[1] at s = 4; then main(s - 3) and older
-          uint32_t wf[4];
-          scaled_weights(wf, lv, &sw[s / 4][8 * (s % 4)]);
-          wgmma_fence();
-          WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
-          wgmma_commit();
-        }
-        wgmma_wait<0>();
-        if (lane == 0) mbar_arrive(empty_s + 8 * (sc % kRing));  // this warp is done with the slot
-        return;
+          ahead_codes[d][0].clear(), ahead_codes[d][1].clear();
       }
-      if constexpr (NAT) {
-        const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
-        // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
-        // look-ups need no scale and go before the wait.
-        float sacc[2][8];
-        auto issue_scale = [&](int s) {
+
+      // Without producers (2 and 3 bits: every 4-bit tile has them) every consumer thread copies its share of a
+      // superchunk, kAhead ahead.
+      static_assert(WS == NAT, "the producers copy exactly the natural-order (4-bit) tiles");
+      auto fill = [&](int sc) {
+        if (sc < nsc) {
+          const uint32_t slot = ring_s + (sc % kRing) * slot_bytes(BITS, RT, NTOK);
+          const long kb = k0 + (long)sc * kSuper;
+          copy_A_async<T, RT, kThreads>(slot + x_slot_bytes(NTOK), A, r, K, kb);
+          copy_x_async<T, NTOK>(slot, x, M, tok0, K, kb);
+        }
+        cp_async_commit();  // one group per superchunk, empty past the end, so the wait count below holds
+      };
+      if constexpr (!WS) {
+#pragma unroll
+        for (int sc = 0; sc < kAhead; ++sc) fill(sc);
+      }
+
+      uint32_t bf[RT][4];
+      load_B_frags<T, RT>(bf, Bm, N, r, row0, lane);
+      // The pair table exists at 4 bits, where the producers copy: the consumers build it.
+      static_assert(!PAIRS || WS, "the pair table is built by the consumers alone");
+      if constexpr (PAIRS) {
+        if (seg == 0) {
+          build_pair_table(smem_dyn, lut, threadIdx.x, kThreads);
+          consumer_sync();
+        }
+      }
+      [[maybe_unused]] const uint32_t lane8 = 8u * lane;
+      [[maybe_unused]] const uint32_t a_lane = a_frag_lane_offset(lane);
+
+      float acc[NTOK / 2];
+#pragma unroll
+      for (int i = 0; i < NTOK / 2; ++i) acc[i] = 0.f;
+
+      // Half (or slot) p has landed. cp.async wrote it through the generic proxy, the tensor cores read it through
+      // the async one: the proxy fence after the acquiring wait orders the two for this thread's wgmmas.
+      [[maybe_unused]] auto wait_full = [&](int p) {
+        mbar_wait(full_s + 8 * (p % kBars), (p / kBars) & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      };
+      // Codes kCodeDepth superchunks ahead, in registers: the superchunk loop is unrolled by kCodeDepth so every
+      // index into ahead_codes is a constant.
+      auto superchunk = [&](int sc, int d) {
+        const int gs = g0 + sc;  // the ring's running index (= sc but in stream-K's later segments)
+        if constexpr (WS) {
+          wait_full(kHalves ? 2 * gs : gs);  // the first half (or the whole slot)
+        } else {
+          // Superchunk sc has landed (the kAhead - 1 newer groups may still be in flight); cp.async wrote it
+          // through the generic proxy and the tensor cores read it through the async one, hence the fence.
+          cp_async_wait<kAhead - 1>();
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          __syncthreads();
+          fill(sc + kAhead);
+        }
+        Codes<BITS> cur[2] = {ahead_codes[d][0], ahead_codes[d][1]};
+        if constexpr (NAT) {  // here, kCodeDepth superchunks after the load was issued: its data is in
+          natural_quads(cur[0].w, t);
+          natural_quads(cur[1].w, t);
+        }
+        if (sc + kCodeDepth < nsc) load_codes(ahead_codes[d], sc + kCodeDepth);
+
+        const uint32_t slot = ring_s + (gs % kRing) * slot_bytes(BITS, RT, NTOK);
+        const uint64_t xbase = x_base_desc(slot);
+        // 4 bits: the eight code values of k-tile s (no scale needed: they go before the wait for it) ...
+        [[maybe_unused]] auto look_up = [&](float (&lv)[8], int s) {
+          if constexpr (PAIRS)
+            lookup_code_pairs(lv, cur[0], cur[1], smem_s, lane8, s);
+          else
+            lookup_codes<BITS>(lv, cur[0], cur[1], lut, s);
+        };
+        // ... times the scale tile's eight values sv, which a wgmma wrote behind the compiler's back: no read of them
+        // may move above the wait for it.
+        [[maybe_unused]] auto scaled_weights = [&](uint32_t (&wf)[4], const float (&lv)[8], float* sv) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) asm volatile("" : "+f"(sv[i])::"memory");
+          pack_weights<T>(wf, lv, reinterpret_cast<const float(&)[4]>(sv[0]), reinterpret_cast<const float(&)[4]>(sv[4]));
+        };
+        if constexpr (kWholeScale) {
+          // The superchunk's whole scale tile first, as two groups (k-tiles 0-3, 4-7; m64n64k16 per 16 ranks), then
+          // the eight products: the warps wait for a scale group twice per superchunk instead of once per k-tile.
+          // Group order: S[0], S[1], main(0), main(1), ...: at k-tile 4 `wait<2>` retires S[1] (and every main but
+          // the last two), at k-tiles 5-7 it keeps two mains in flight (their W fragments stay live until retired).
+          const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
+          uint64_t sdesc[2][RT];  // before the fence (computed between wgmma.fence and a wgmma, ptxas serializes)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int c = 0; c < RT; ++c) sdesc[h][c] = a_mn_desc(abase, 4 * h, c);
+          float sw[2][32];
+          wgmma_fence();
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int c = 0; c < RT; ++c) WgmmaRSTransB<T, 64>::run(sw[h], bf[c], sdesc[h][c], c);
+            wgmma_commit();
+          }
+#pragma unroll
+          for (int s = 0; s < 8; ++s) {
+            float lv[8];
+            look_up(lv, s);
+            if (s == 0) wgmma_wait<1>();  // S[0]
+            if (s >= 4) wgmma_wait<2>();  // S[1] at s = 4; then main(s - 3) and older
+            uint32_t wf[4];
+            scaled_weights(wf, lv, &sw[s / 4][8 * (s % 4)]);
+            wgmma_fence();
+            WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
+            wgmma_commit();
+          }
+          wgmma_wait<0>();
+          if (lane == 0) mbar_arrive(empty_s + 8 * (gs % kRing));  // this warp is done with the slot
+          return;
+        }
+        if constexpr (NAT) {
+          const uint64_t abase = a_mn_base_desc(slot + x_slot_bytes(NTOK));
+          // Group order: S(s + 1), main(s), so at k-tile s + 1 `wait<1>` leaves only main(s) in flight. The
+          // look-ups need no scale and go before the wait.
+          float sacc[2][8];
+          auto issue_scale = [&](int s) {
+#pragma unroll
+            for (int c = 0; c < RT; ++c)
+              WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc(abase, s, c), c);
+            wgmma_commit();
+          };
+          wgmma_fence();
+          issue_scale(0);
+#pragma unroll
+          for (int s = 0; s < 8; ++s) {
+            float lv[8];
+            look_up(lv, s);
+            if (s == 0) {
+              wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
+              // so this warp is done with the previous superchunk's slot.
+              if (WS && gs > 0 && lane == 0)
+                mbar_arrive(empty_s + 8 * (kHalves ? (2 * gs - 1) % kBars : (gs - 1) % kRing));
+            } else {
+              wgmma_wait<1>();
+              // Only main(s - 1) may be in flight: every wgmma reading the first half (k-tiles 0-3) is done.
+              if (kHalves && s == 5 && lane == 0) mbar_arrive(empty_s + 8 * ((2 * gs) % kBars));
+            }
+            uint32_t wf[4];
+            scaled_weights(wf, lv, sacc[s % 2]);
+            if (kHalves && s == 3) wait_full(2 * gs + 1);  // scale(4) reads A's second half, main(4) x's
+            wgmma_fence();
+            if (s + 1 < 8) issue_scale(s + 1);
+            WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
+            wgmma_commit();
+          }
+          return;
+        }
+        // 2 and 3 bits: scale mmas on mma.sync, those of k-tile s + 1 written before the wgmma of k-tile s (ptxas
+        // still places them after it: they reuse the registers of the wgmma operands in flight).
+        float sa[2][4], sb[2][4];
+        auto scale = [&](int s) {
+          uint4 af[RT];
 #pragma unroll
           for (int c = 0; c < RT; ++c)
-            WgmmaRSTransB<T, 16>::run(sacc[s % 2], bf[c], a_mn_desc(abase, s, c), c);
-          wgmma_commit();
+            af[c] = ldsm_x4_trans(slot + x_slot_bytes(NTOK) + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
+          scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
         };
-        wgmma_fence();
-        issue_scale(0);
+        scale(0);
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-          float lv[8];
-          look_up(lv, s);
-          if (s == 0) {
-            wgmma_wait<0>();  // main(7) of the last superchunk was committed before S(0)
-            // so this warp is done with the previous superchunk's slot.
-            if (WS && sc > 0 && lane == 0)
-              mbar_arrive(empty_s + 8 * (kHalves ? (2 * sc - 1) % kBars : (sc - 1) % kRing));
-          } else {
-            wgmma_wait<1>();
-            // Only main(s - 1) may be in flight: every wgmma reading the first half (k-tiles 0-3) is done.
-            if (kHalves && s == 5 && lane == 0) mbar_arrive(empty_s + 8 * ((2 * sc) % kBars));
-          }
           uint32_t wf[4];
-          scaled_weights(wf, lv, sacc[s % 2]);
-          if (kHalves && s == 3) wait_full(2 * sc + 1);  // scale(4) reads A's second half, main(4) x's
+          if constexpr (PAIRS)
+            apply_code_pairs<T>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], smem_s, lane8, s);
+          else
+            apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
+          if (s + 1 < 8) scale(s + 1);
           wgmma_fence();
-          if (s + 1 < 8) issue_scale(s + 1);
           WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
           wgmma_commit();
+          wgmma_wait<1>();
         }
+      };
+      for (int base = 0; base < nsc; base += kCodeDepth) {
+#pragma unroll
+        for (int d = 0; d < kCodeDepth; ++d)
+          if (base + d < nsc) superchunk(base + d, d);
+      }
+      wgmma_wait<0>();
+      // The next kernel may launch once every block of this one is here (the producers' copies are all issued
+      // by now): its blocks take the SMs that finished clusters leave, and wait for this grid to end before
+      // reading anything.
+      if (seg == nseg - 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+      // The accumulators were written behind the compiler's back: no read of them may move above the wait.
+#pragma unroll
+      for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+      if (sk) {
+        stream_k_epilogue(acc, seg);
         return;
       }
-      // 2 and 3 bits: scale mmas on mma.sync, those of k-tile s + 1 written before the wgmma of k-tile s (ptxas
-      // still places them after it: they reuse the registers of the wgmma operands in flight).
-      float sa[2][4], sb[2][4];
-      auto scale = [&](int s) {
-        uint4 af[RT];
-#pragma unroll
-        for (int c = 0; c < RT; ++c)
-          af[c] = ldsm_x4_trans(slot + x_slot_bytes(NTOK) + a_lane + (uint32_t)(c * 16 * kPosPad + 16 * s) * 2);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sa[s % 2][i] = sb[s % 2][i] = 0.f;
-        scale_frags<T, RT>(sa[s % 2], sb[s % 2], bf, af);
-      };
-      scale(0);
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        uint32_t wf[4];
-        if constexpr (PAIRS)
-          apply_code_pairs<T>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], smem_s, lane8, s);
-        else
-          apply_codes<T, BITS>(wf, sa[s % 2], sb[s % 2], cur[0], cur[1], lut, s);
-        if (s + 1 < 8) scale(s + 1);
-        wgmma_fence();
-        WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
-        wgmma_commit();
-        wgmma_wait<1>();
+      // Every consumer warp is done with the ring (and at 4 bits the producers' copies have all landed: a
+      // superchunk is handed over only then): it becomes the partial tile.
+      if constexpr (WS) {
+        consumer_sync();
+      } else {
+        cp_async_wait<0>();
+        __syncthreads();
       }
-    };
-    for (int base = 0; base < nsc; base += kCodeDepth) {
-#pragma unroll
-      for (int d = 0; d < kCodeDepth; ++d)
-        if (base + d < nsc) superchunk(base + d, d);
-    }
-    wgmma_wait<0>();
-    // The next kernel may launch once every block of this one is here (the producers' copies are all issued
-    // by now): its blocks take the SMs that finished clusters leave, and wait for this grid to end before
-    // reading anything.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    // The accumulators were written behind the compiler's back: no read of them may move above the wait.
-#pragma unroll
-    for (int i = 0; i < NTOK / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-    // Every consumer warp is done with the ring (and at 4 bits the producers' copies have all landed: a
-    // superchunk is handed over only then): it becomes the partial tile.
-    if constexpr (WS) {
-      consumer_sync();
-    } else {
-      cp_async_wait<0>();
-      __syncthreads();
-    }
 
-    // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
-    float* part = reinterpret_cast<float*>(smem_dyn);
+      // acc[4 j + i]: weight row 16 warp + g + 8 (i / 2) of the block, token 8 j + 2 t + (i % 2) of the tile.
+      float* part = reinterpret_cast<float*>(smem_dyn);
 #pragma unroll
-    for (int j = 0; j < NTOK / 8; ++j)
+      for (int j = 0; j < NTOK / 8; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        part[(8 * j + 2 * t + (i % 2)) * kPartStride + warp * 16 + g + 8 * (i / 2)] = acc[4 * j + i];
+        for (int i = 0; i < 4; ++i)
+          part[(8 * j + 2 * t + (i % 2)) * kPartStride + warp * 16 + g + 8 * (i / 2)] = acc[4 * j + i];
+    };
+    if (nseg > 0) run_segment(0);
+    if constexpr (SK) {
+      if (nseg > 1) {
+        g0 = nsc;
+        run_segment(1);
+      }
+      return;
+    }
   }
   cluster_sync();  // every block of the cluster has parked its partial tile
 
@@ -640,12 +793,12 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
 }
 
 // The launch configuration of a grid of `tiles_n` x `tiles_m` tiles, each a cluster of `splits` blocks.
-template <typename T, int BITS, int RT, int NTOK>
+template <typename T, int BITS, int RT, int NTOK, bool SK = false>
 struct Launch {
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[2];
   Launch(long tiles_n, long tiles_m, int splits, cudaStream_t stream, bool pdl = true) {
-    auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
+    auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK, SK>;
     constexpr size_t smem = smem_bytes(BITS, RT, NTOK);
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm: ") + cudaGetErrorString(e));
@@ -692,19 +845,35 @@ int active_clusters(int splits) {
   return n;
 }
 
-template <typename T, int BITS, int RT, int NTOK>
-void run(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK>;
+template <typename T, int BITS, int RT, int NTOK, bool SK>
+void launch(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK, SK>;
   // PDL on split-K launches alone. H100, session 20 (bench/h100/session20/fused_pdl_ab), us without -> with:
   // 4096x4096 r = 32 (3-4 splits) at 8 / 16 / 64 / 256 tokens 16.46 / 16.53 / 18.87 / 27.43 -> 16.06 / 16.14 /
   // 18.60 / 26.98, 1024x4096 r = 12 (8 splits) at 4 / 16 / 64 7.43 / 7.87 / 9.34 -> 7.01 / 7.37 / 8.91; but one split
   // (14336x4096 r = 49, 112 blocks) got slower at every tile, 4 / 16 / 64 / 256 tokens 47.59 / 47.87 / 51.65 / 76.72
   // -> 49.86 / 50.31 / 54.26 / 77.84, as the direct decode kernel's PDL did on that shape (session 15); not profiled.
-  Launch<T, BITS, RT, NTOK> l((a.N + kRows - 1) / kRows, (a.M + NTOK - 1) / NTOK, a.splits, stream, a.splits > 1);
+  // Stream-K (SK, a.stream_k_blocks > 0, 4 bits): a 1-D grid of that many blocks, clusters of one, no PDL yet.
+  constexpr bool sk = SK;
+  Launch<T, BITS, RT, NTOK, SK> l(sk ? a.stream_k_blocks : (a.N + kRows - 1) / kRows, sk ? 1 : (a.M + NTOK - 1) / NTOK,
+                              sk ? 1 : a.splits, stream, !sk && a.splits > 1);
   const cudaError_t e = cudaLaunchKernelEx(&l.cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
-                                           a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split);
+                                           a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split,
+                                           sk ? a.workspace : nullptr, sk ? a.counters : nullptr,
+                                           sk ? a.stream_k_blocks : 0);
   if (e != cudaSuccess) throw std::runtime_error(std::string("lords fused_gemm launch: ") + cudaGetErrorString(e));
+}
+template <typename T, int BITS, int RT, int NTOK>
+void run(const DecodeArgs& a, cudaStream_t stream) {
+  if (a.stream_k_blocks > 0) {
+    if constexpr (warp_specialized(BITS))
+      launch<T, BITS, RT, NTOK, true>(a, stream);
+    else
+      throw std::runtime_error("lords fused_gemm: stream-K takes 4-bit codes only");
+  } else {
+    launch<T, BITS, RT, NTOK, false>(a, stream);
+  }
 }
 
 using Fn = void (*)(const DecodeArgs&, cudaStream_t);
@@ -829,6 +998,15 @@ DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, 
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream) {
   const int ntok = fused_token_tile(a.M, a.r, a.N, a.K, sms, a.bits);
   pick(a.dtype, a.bits, ntok, a.r).run(a, stream);
+}
+
+long fused_stream_k_units(int M, int r, long N, long K, int sms, int bits) {
+  const int ntok = fused_token_tile(M, r, N, K, sms, bits);
+  return ((N + kRows - 1) / kRows) * ((M + ntok - 1) / ntok) * (K / kSuper);
+}
+
+size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, int bits, int blocks) {
+  return (size_t)blocks * (fused_token_tile(M, r, N, K, sms, bits) / 2) * kThreads;
 }
 
 }  // namespace lords

@@ -32,6 +32,9 @@ struct DecodeArgs {
   int k_per_split;          // from decode_plan
   bool wgmma = false;       // reassoc_gemv: run the sm_90a wgmma variant (reassoc_uses_wgmma, which the plan used too)
   const void* zbuf = nullptr;  // reassoc_gemv above 64 columns: reassoc_z_bytes(M, r, K) bytes for Z = A * x
+  // fused_gemm: > 0 runs the stream-K schedule on that many blocks (at most fused_stream_k_units), with workspace
+  // (fused_stream_k_workspace_floats) and counters (that many zeroed ints; left zeroed); 4 bits only.
+  int stream_k_blocks = 0;
 };
 
 constexpr int kDecodeMaxM = 16;
@@ -96,6 +99,10 @@ int fused_token_tile(int M, int r, long N, long K, int sms, int bits);
 DecodePlan fused_gemm_plan(DType dtype, int bits, long N, long K, int M, int r, int sms);
 DecodePlan fused_gemm_plan_with_splits(long N, long K, int splits);
 void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
+// Stream-K (path 5, 4 bits): the superchunk units a launch divides among its blocks, and the fp32 workspace
+// for `blocks` blocks (one partial tile each).
+long fused_stream_k_units(int M, int r, long N, long K, int sms, int bits);
+size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, int bits, int blocks);
 // Where path -1 takes it (where it fits), 32 < r <= 64: from kFusedMinM (kFusedMinM4 at 4 bits) to 128 tokens where
 // N is large enough that the 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); and where
 // the tiles (128 rows x fused_token_tile tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters

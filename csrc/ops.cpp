@@ -13,6 +13,7 @@
 //     aligned x, qweight and A). Automatic takes path 4 where it can run and fused_gemm_preferred holds
 //     (32 < r <= 64; 6 <= M <= 128 with N filling the GPU with 128-row blocks, or 16 < M <= 256 with its
 //     tiles in one wave; at r <= 32 the latter from M = 129 on, 4 bits only).
+//     5: the same GEMM on a stream-K schedule (4 bits; splits = blocks, 0 = one per SM, at least one per tile).
 //     splits: split-K count of the chosen kernel, 0 = its own plan (for tuning). x is [M, K] (the
 //     Python layer flattens it).
 // The kernels themselves live in decode_gemm.cu and dequant.cu, behind lords_kernels.h.
@@ -21,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -222,9 +224,9 @@ bool valid_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   LORDS_REQUIRE(x.dim() == 2, "x: expected 2-D [M, K], got shape ", shape_str(x));
   LORDS_REQUIRE(x.is_contiguous(), "x: expected a contiguous tensor");
   LORDS_REQUIRE(splits >= 0, "splits: expected 0 (automatic) or a positive split-K count, got ", splits);
-  LORDS_REQUIRE(path >= -1 && path <= 4,
+  LORDS_REQUIRE(path >= -1 && path <= 5,
                 "path: expected -1 (auto), 0 (fused decode), 1 (dequant + cuBLAS), 2 (re-associated), 3 "
-                "(re-associated, mma.sync only) or 4 (fused wgmma GEMM), got ", path);
+                "(re-associated, mma.sync only), 4 (fused wgmma GEMM) or 5 (fused wgmma GEMM, stream-K), got ", path);
   LORDS_REQUIRE(A.dim() == 2 && x.size(1) == A.size(1), "x: expected shape [M, K] with K = A.shape[1], got x ",
                 shape_str(x), " and A ", shape_str(A));
   const int64_t M = x.size(0), N = B.dim() == 2 ? B.size(0) : -1;
@@ -265,14 +267,17 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   // The fused GEMM runs on x's dtype for A too: its fit is judged on the pointers it would get.
   at::Tensor A_conv;
   bool gemm = false;
-  if (path == 4 || (path == -1 && !reassoc && fused_gemm_preferred((int)M, N, K, (int)B_in.size(1), sm_count(x.device()), bits))) {
+  if (path == 4 || path == 5 ||
+      (path == -1 && !reassoc && fused_gemm_preferred((int)M, N, K, (int)B_in.size(1), sm_count(x.device()), bits))) {
     A_conv = A_in.to(x.scalar_type()).contiguous();
     gemm = fused_gemm_fits(K, (int)B_in.size(1), x.data_ptr(), qweight.data_ptr(), A_conv.data_ptr());
-    if (!gemm && path == 4)
-      t_error = cat("path: the fused wgmma GEMM (path=4) needs the sm_90a build on a compute capability 9.0 GPU, "
-                    "r <= ", (int)kFusedMaxRank, ", K a multiple of 128 and 16-byte aligned x, qweight and A; got r=",
+    if (!gemm && path >= 4)
+      t_error = cat("path: the fused wgmma GEMM (path=", path, ") needs the sm_90a build on a compute capability 9.0 "
+                    "GPU, r <= ", (int)kFusedMaxRank, ", K a multiple of 128 and 16-byte aligned x, qweight and A; got r=",
                     B_in.size(1), ", K=", K, ", ", cuda_features_str());
-    TORCH_CHECK(gemm || path != 4, t_error.c_str());
+    TORCH_CHECK(gemm || path < 4, t_error.c_str());
+    if (path == 5 && bits != 4) t_error = cat("path: the stream-K fused GEMM (path=5) takes 4-bit codes, got bits=", bits);
+    TORCH_CHECK(path != 5 || bits == 4, t_error.c_str());
   }
   // Where the fused GEMM was preferred but does not fit, M <= kDecodeMaxM still goes to the decode kernels.
   const bool decode = !gemm && (reassoc || path == 0 || (path == -1 && M <= kDecodeMaxM));
@@ -298,7 +303,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   DecodePlan plan = gemm      ? fused_gemm_plan(dtype_of(x), bits, N, K, (int)M, r, sms)
                     : reassoc ? reassoc_plan(N, K, r, (int)M, bits, sms, wg)
                               : decode_plan(N, K, r, sms);
-  if (splits > 0)
+  if (splits > 0 && path != 5)
     plan = gemm      ? fused_gemm_plan_with_splits(N, K, (int)splits)
            : reassoc ? reassoc_plan_with_splits(N, K, r, (int)M, bits, (int)splits, wg)
                      : decode_plan_with_splits(N, K, r, (int)splits);
@@ -307,6 +312,25 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   int* counters = nullptr;
   if (plan.splits > 1 && !gemm) {
     ws = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
+    counters = counters_for(x.device()).data_ptr<int>();
+  }
+  // Stream-K (path 5): `splits` blocks (0: one per SM), at least one per tile (so a block spans at most two tiles,
+  // which the kernel runs as two straight-line segments) and at most one per superchunk unit; one partial tile each.
+  int sk_blocks = 0;
+  if (path == 5) {
+    const long units = fused_stream_k_units((int)M, r, N, K, sms, bits);
+    const long tiles = units / (K / 128);
+    const long blocks = std::max<long>(tiles, std::min<long>(splits > 0 ? splits : sms, units));
+    if (blocks > kCounterSlots || (unsigned long long)units * (unsigned long long)blocks >= (1ull << 32)) {
+      const std::string t_error = cat("path: the stream-K fused GEMM (path=5) takes at most ", kCounterSlots,
+                                      " blocks and units x blocks below 2^32, got ", tiles, " tiles of ", K / 128,
+                                      " superchunks on ", blocks, " blocks");
+      TORCH_CHECK(false, t_error.c_str());
+    }
+    sk_blocks = (int)blocks;
+    plan = DecodePlan{1, (int)K, 0};
+    ws = at::empty({(int64_t)fused_stream_k_workspace_floats((int)M, r, N, K, sms, bits, sk_blocks)},
+                   x.options().dtype(at::kFloat));
     counters = counters_for(x.device()).data_ptr<int>();
   }
   DecodeArgs a{dtype_of(x),
@@ -330,6 +354,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                plan.k_per_split,
                wg,
                zbuf.defined() ? zbuf.data_ptr() : nullptr};
+  a.stream_k_blocks = sk_blocks;
   if (gemm)
     fused_gemm(a, sms, c10::cuda::getCurrentCUDAStream());
   else if (reassoc)

@@ -253,6 +253,53 @@ def test_fused_gemm_all_bits(M, N, K, r, bits, dtype):
     assert rel(y, y1.float()) < TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M,N,K,r",
+    [
+        (16, 4096, 1024, 32),  # 16-token tile: 32 tiles x 8 superchunks over 50 / 150 blocks
+        (5, 1001, 2048, 49),  # N odd, rank chunks of 16 up to 64, one token tile
+        (64, 2000, 1024, 17),  # 64-token tile
+        (200, 1030, 1024, 64),  # 256-token tile, 200 tokens deep
+        (300, 777, 1024, 12),  # two token tiles: units cross token tiles as well as row blocks
+        (150, 4096, 2048, 49),  # r > 32 above 128 tokens: the 192- or 256-token tile, the ring handed over by halves
+        (16, 14336, 4096, 49),  # 112 tiles of 32 superchunks on one block per SM
+    ],
+)
+def test_fused_gemm_stream_k(M, N, K, r, dtype):
+    """Path 5, the fused GEMM on the stream-K schedule (4 bits): for one block per SM (0) and block counts that cut
+    tiles in two and three, against the reference and the split-K path, bit-identical on repeat; the flags are left
+    lowered (each launch after the first would read stale partials otherwise). Fewer blocks than tiles are raised to
+    one per tile (1 and 2 give the same bits: every shape here has more tiles)."""
+    if not fused_gemm_ready():
+        pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
+    x, qweight, B, A, cb, bias = make(M, N, K, r, 4, dtype, seed=M + r + 5)
+    y = check_over_splits(x, qweight, B, A, cb, bias, 5, (0, 1, 3, 7, 13, 50, 150))
+    y4 = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 4)
+    assert rel(y, y4.float()) < TOL
+    assert torch.equal(torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5, 1),
+                       torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5, 2))
+
+
+def test_fused_gemm_stream_k_in_a_graph_and_what_it_rejects():
+    if not fused_gemm_ready():
+        pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
+    x, qweight, B, A, cb, bias = make(40, 3000, 2048, 40, 4, seed=77)
+    torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5, 37)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5, 37)
+    for seed in range(3):  # replays reuse the same flags: each launch must leave them lowered
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel(y, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+    x, qweight, B, A, cb, bias = make(16, 512, 1024, 16, 3)
+    with pytest.raises(RuntimeError, match="path=5"):
+        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5)
+
+
 def fused_rule(M, N, K, r, sms):
     """csrc/lords_kernels.h, fused_gemm_preferred, written out once more."""
     if not (2 <= M <= 512 and 1 <= r <= 64):  # M < 6, M > 256, r <= 32 at 4 bits only: the weights here are 4-bit
@@ -492,7 +539,7 @@ def test_bad_inputs_name_the_argument():
         ((x, qweight, B[:, :4].contiguous(), A, cb, None, -1), "B, A"),
         ((x, qweight, B, A, cb, bias[:-1], -1), "bias: expected shape"),
         ((x, qweight, B, A, cb, None, 7), "path"),
-        ((x, qweight, B, A, cb, None, 5), "path"),
+        ((x, qweight, B, A, cb, None, 6), "path"),
         ((torch.randn(17, 512, device="cuda", dtype=x.dtype), qweight, B, A, cb, None, 0), "M <= 16"),
         ((x, qweight.cpu(), B, A, cb, None, -1), "qweight: expected device"),
     ]

@@ -11,6 +11,8 @@ Ops it calls (registered by csrc/ops.cpp):
       GEMM (csrc/fused_gemm.cu: sm_90a build on a 9.0 GPU, r <= 64, K % 128 == 0), which path -1 takes for
       32 < r <= 64 with 6 <= M <= 128 where N fills the GPU with 128-row blocks, or 16 < M <= 256 where
       its tiles fit one wave (dispatch.fused_gemm_first);
+      path 5 the same GEMM on a stream-K schedule (4 bits; `splits` blocks, 0 = one per SM: each block takes an
+      equal share of the (tile, superchunk) units, partial tiles reduced through a workspace in block order);
       splits 0: the kernel's own split-K plan (other values are for tuning).
   torch.ops.lords.dequant_cuda(qweight, B, A, codebook, superchunks=0) -> W in B.dtype (float16 / bfloat16);
     superchunks (128-wide k ranges per block) is a tuning knob, 0 = the kernel's choice.
