@@ -333,11 +333,10 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   // SK: a separate instantiation, so that the split-K kernels keep their registers (the segment loop took the
   // 64- and 128-token consumers to the 168-register cap, with spills).
   constexpr bool sk = SK;
-  // The schedule, in 32-bit unsigned arithmetic (the host keeps units x blocks below 2^32), is computed afresh where
-  // it is needed, from the block index read by a volatile asm (no common subexpression): kept live across the main
-  // loop, it took the uniform registers that the split-K kernels give the wgmma descriptors, which then lived in
-  // vector registers (two R2UR per wgmma, ~20 % more main-loop instructions than split-K; SASS and ncu, session 21).
-  // A 64-bit division here became a subroutine call.
+  // The schedule, in 32-bit unsigned arithmetic (the host keeps units x blocks below 2^32; a 64-bit division here
+  // was a subroutine call, after which ptxas kept the main loop's wgmma descriptors in vector registers), is computed
+  // afresh where it is needed, from the block index read by a volatile asm, so none of it stays live across the main
+  // loop (session 21: SASS and ncu, bench/cuda_notes.md).
   struct Segment {
     unsigned tile, u0, u1;  // its tile; its units [u0, u1)
     int count;              // segments of this block
