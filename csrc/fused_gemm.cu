@@ -338,17 +338,19 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   // afresh where it is needed, from the block index read by a volatile asm, so none of it stays live across the main
   // loop (session 21: SASS and ncu, bench/cuda_notes.md).
   struct Segment {
-    unsigned tile, u0, u1;  // its tile; its units [u0, u1)
-    int count;              // segments of this block
-    bool first, final;      // it begins / ends its tile
+    unsigned tiles_n, k_super, units;  // the launch: row blocks, superchunks per tile, all units
+    unsigned tile, u0, u1;             // its tile; its units [u0, u1)
+    int count;                         // segments of this block
+    bool first, final;                 // it begins / ends its tile
   };
   auto segment = [&](int i) {
-    Segment sg{0u, 0u, 0u, 1, true, true};
+    Segment sg{0u, 0u, 0u, 0u, 0u, 0u, 1, true, true};
     if constexpr (SK) {
       unsigned b;
       asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(b));
       const unsigned tiles_n = (unsigned)((N + kRows - 1) / kRows), k_super = (unsigned)(K / kSuper);
       const unsigned units = tiles_n * (unsigned)((M + NTOK - 1) / NTOK) * k_super, G = (unsigned)sk_blocks;
+      sg.tiles_n = tiles_n, sg.k_super = k_super, sg.units = units;
       const unsigned u_begin = b * units / G, u_end = (b + 1) * units / G;
       const unsigned t_last = u_end > 0 ? (u_end - 1) / k_super : 0u;
       sg.count = u_end > u_begin ? (int)(t_last - u_begin / k_super + 1) : 0;
@@ -371,14 +373,13 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
   auto set_segment = [&](int i) {
     if constexpr (SK) {
       const Segment sg = segment(i);
-      const unsigned tiles_n = (unsigned)((N + kRows - 1) / kRows), k_super = (unsigned)(K / kSuper);
-      unsigned tile_m = sg.tile / tiles_n, tile_n = sg.tile - tile_m * tiles_n;
+      unsigned tile_m = sg.tile / sg.tiles_n, tile_n = sg.tile - tile_m * sg.tiles_n;
       // Opaque to the optimizer, which otherwise widened this remainder to a 64-bit division (a subroutine call).
       asm("" : "+r"(tile_m), "+r"(tile_n));
       block_row0 = (long)tile_n * kRows;
       row0 = block_row0 + warp * 16;
       tok0 = (int)tile_m * NTOK;
-      k0 = (long)(sg.u0 - sg.tile * k_super) * kSuper;
+      k0 = (long)(sg.u0 - sg.tile * sg.k_super) * kSuper;
       nsc = (int)(sg.u1 - sg.u0);
     } else {
       (void)i;
@@ -479,10 +480,8 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
       }
       if (!sg.first) {
         // The block holding the tile's first unit (the largest b with b U / G <= u, rounded down).
-        const unsigned k_super = (unsigned)(K / kSuper), G = (unsigned)sk_blocks;
-        const unsigned units = (unsigned)((N + kRows - 1) / kRows) * (unsigned)((M + NTOK - 1) / NTOK) * k_super;
-        const unsigned u = sg.tile * k_super;
-        const int b_first = (int)(((u + 1) * G - 1) / units);
+        const unsigned u = sg.tile * sg.k_super;
+        const int b_first = (int)(((u + 1) * (unsigned)sk_blocks - 1) / sg.units);
         if (ct == 0) {
           for (int b = b_first; b < (int)blockIdx.x; ++b) {
             while (ld_acquire_gpu(sk_flags + b) != 1) {
