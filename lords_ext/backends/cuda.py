@@ -7,7 +7,8 @@ Ops it calls (registered by csrc/ops.cpp):
       streamed through shared memory), fused
       tensor-core decode kernel for M <= 16, else fused dequantize + cuBLAS; path 2 forces the
       re-associated kernel (M * ceil(r/8)*8 <= 64; on a 9.0 GPU with the default sm_90a build its
-      wgmma variant, which also takes up to 128 columns with Z streamed, K % 128 == 0), path 3 the same kernel on mma.sync alone (for A/B timing), path 4 the fused wgmma
+      wgmma variant, which also takes up to 128 columns with Z streamed, K % 128 == 0), path 3 the same
+      kernel on mma.sync alone (for A/B timing), path 4 the fused wgmma
       GEMM (csrc/fused_gemm.cu: sm_90a build on a 9.0 GPU, r <= 64, K % 128 == 0), which path -1 takes for
       32 < r <= 64 with 6 <= M <= 128 where N fills the GPU with 128-row blocks, or 16 < M <= 256 where
       its tiles fit one wave (dispatch.fused_gemm_first);
