@@ -1007,4 +1007,32 @@ size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, in
   return (size_t)blocks * (fused_token_tile(M, r, N, K, sms, bits) / 2) * kThreads;
 }
 
+// Path -1 runs the 16-token tile on the stream-K schedule (one block per SM) where it is estimated faster than the
+// split-K plan, both counted in superchunk steps of one block: split-K takes waves x (superchunks per split +
+// kSplitWaveSteps / 2) (the prologue and the cluster reduction, once per wave), stream-K its superchunks per block
+// + kStreamKFixedSteps / 2 (two segments, the parked partial tile and the wait for it). The two constants are the
+// least-error fit to 18 shapes at 16 tokens, 4 bits, parity rank (H100, session 22, bench/h100/session22/rule_fit:
+// `bench.dequant_paths --ms 16 --stream-k 0 --fused-splits 1,2,3,4,6`), us, split-K plan / stream-K:
+//   taken:     5120x13824 76.9 / 56.9, 4096x14336 53.3 / 46.3, 11008x4096 41.6 / 38.4, 13824x5120 73.6 / 67.7,
+//              12288x4096 44.5 / 41.1, 4096x11008 40.4 / 37.8, 5120x5120 29.6 / 27.6, 4096x8192 30.5 / 29.7
+//   not taken: 2048x8192 15.0 / 19.4, 4096x4096 16.0 / 19.2, 8192x4096 25.2 / 30.3, 3072x8192 22.5 / 25.5,
+//              2560x10240 20.1 / 27.5, 6144x4096 23.9 / 25.4, 3584x18944 50.2 / 51.5, 8192x8192 54.2 / 55.3,
+//              14336x4096 48.0 / 48.1, 7168x7168 46.5 / 45.7 (the one miss, 1.7 %)
+// A wave of split-K costs its superchunks at about the stream-K rate, stream-K ~5.5 superchunks more than one wave
+// of split-K: with few superchunks per block (4096x4096: 8) the segments' fixed costs win. From 17 tokens (64-token
+// tile) stream-K lost on three of four shapes (session 21).
+constexpr long kSplitWaveSteps = 3, kStreamKFixedSteps = 14;  // in half superchunk steps
+bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms) {
+  if (bits != 4 || fused_token_tile(M, r, N, K, sms, bits) != 16 || sms < 1) return false;
+  const long tiles = (N + kRows - 1) / kRows, k_super = K / kSuper;
+  // Fewer tiles than SMs (otherwise split-K fills the GPU too), and the kernel's 32-bit schedule (units x blocks).
+  if (tiles >= sms || (unsigned long long)(tiles * k_super) * (unsigned long long)sms >= (1ull << 32)) return false;
+  const long sk_steps = (tiles * k_super + sms - 1) / sms;
+  const DecodePlan plan = fused_gemm_plan(dtype, bits, N, K, M, r, sms);
+  const int known = plan.splits == 1 ? sms : pick(dtype, bits, 16, r).clusters(plan.splits);
+  const long at_once = std::max<long>(1, known > 0 ? known : sms / plan.splits);
+  const long waves = (tiles + at_once - 1) / at_once;
+  return waves * (2 * (plan.k_per_split / kSuper) + kSplitWaveSteps) > 2 * sk_steps + kStreamKFixedSteps;
+}
+
 }  // namespace lords

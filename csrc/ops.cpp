@@ -314,10 +314,13 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
     ws = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
     counters = counters_for(x.device()).data_ptr<int>();
   }
-  // Stream-K (path 5): `splits` blocks (0: one per SM), at least one per tile (so a block spans at most two tiles,
-  // which the kernel runs as two straight-line segments) and at most one per superchunk unit; one partial tile each.
+  // Stream-K (path 5, or path -1 where fused_stream_k_preferred holds and no split count was asked for): `splits`
+  // blocks (0: one per SM), at least one per tile (so a block spans at most two tiles, which the kernel runs as two
+  // straight-line segments) and at most one per superchunk unit; one partial tile each.
+  const bool stream_k = path == 5 || (path == -1 && gemm && splits == 0 &&
+                                      fused_stream_k_preferred(dtype_of(x), bits, N, K, (int)M, r, sms));
   int sk_blocks = 0;
-  if (path == 5) {
+  if (stream_k) {
     const long units = fused_stream_k_units((int)M, r, N, K, sms, bits);
     const long tiles = units / (K / 128);
     const long blocks = std::max<long>(tiles, std::min<long>(splits > 0 ? splits : sms, units));

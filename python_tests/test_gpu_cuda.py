@@ -281,6 +281,28 @@ def test_fused_gemm_stream_k(M, N, K, r, dtype):
                        torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5, 2))
 
 
+@pytest.mark.parametrize("N,K,r,M,stream_k", [
+    # Cases whose answer does not depend on how many clusters this GPU runs at once (their plan is one split in one
+    # wave, or no split plan is close): split-K steps waves x (superchunks per split + 1.5) against stream-K's
+    # superchunks per block + 7 (fused_stream_k_preferred).
+    (12288, 4096, 48, 16, True),   # 96 tiles, one split: 33.5 against 24 + 7
+    (12288, 4096, 48, 13, True),
+    (14336, 4096, 49, 16, False),  # 112 tiles, one split: 33.5 against 28 + 7
+    (4096, 4096, 32, 16, False),   # 3 or 4 splits: at most 12.5 against 8 + 7
+    (2048, 8192, 25, 16, False),
+])
+def test_automatic_path_takes_stream_k_by_rule(N, K, r, M, stream_k):
+    """Path -1 on the 16-token tile: the stream-K schedule (bit-identical to path 5 on one block per SM) where
+    fused_stream_k_preferred holds, the split-K plan (bit-identical to path 4) elsewhere, on a 132-SM GPU."""
+    if not fused_gemm_ready() or torch.cuda.get_device_properties(0).multi_processor_count != 132:
+        pytest.skip("the fused GEMM on a 132-SM GPU (the H100 SXM)")
+    x, qweight, B, A, cb, bias = make(M, N, K, r, 4, seed=N + r + M)
+    y = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, -1)
+    assert rel(y, ref_matmul(x, qweight, B, A, cb, bias)) < TOL
+    expected = torch.ops.lords.dequant_matmul_cuda(x, qweight, B, A, cb, bias, 5 if stream_k else 4)
+    assert torch.equal(y, expected)
+
+
 def test_fused_gemm_stream_k_in_a_graph_and_what_it_rejects():
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
