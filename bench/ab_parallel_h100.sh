@@ -11,7 +11,10 @@
 # A variant "tag=patches@VAR=value" runs its tests and timings with that environment variable set; variants
 # with the same patch list share one build ("pdl0=p.patch@LORDS_FUSED_PDL=0" "pdl1=p.patch@LORDS_FUSED_PDL=1").
 # LORDS_AB_BASE_PATCHES: patches applied to every variant, base included (comma-separated).
-# LORDS_AB_ONLY_BUILT=1: skip the builds and use the copies a previous call left (warm machine).
+# LORDS_AB_ONLY_BUILT=1: skip the builds and use the copies a previous call left (warm machine); build/ab/tag_<tag>
+# links to each variant's copy (build/ab/tag_0_base for the tree as is).
+# LORDS_AB_BASE_TESTS: if set, a pytest -k expression of test_gpu_cuda.py run on the base too (empty: the whole module,
+# LORDS_AB_BASE_TESTS_TIMEOUT seconds, default 240). LORDS_AB_AGAIN=0: no second base timing.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -36,6 +39,7 @@ for s in "${specs[@]}"; do
   key=$(echo "$plist" | sha1sum | cut -c1-10)
   dir_of[$tag]="build/ab/$key"; env_of[$tag]="$env"; patches_of[$key]="$plist"
   [[ " ${builds[*]} " == *" $key "* ]] || builds+=("$key")
+  ln -sfn "$key" "build/ab/tag_$tag"
   tags+=("$tag")
 done
 
@@ -64,6 +68,13 @@ run_variant() {
   local -a envs=()
   [ -n "${env_of[$tag]}" ] && envs=("${env_of[$tag]}")
   if ! ls "$d"/lords_ext/*.so > /dev/null 2>&1; then echo "$name: no build in $d"; return; fi
+  if [ "$name" = 0_base ] && [ -n "${LORDS_AB_BASE_TESTS+set}" ]; then
+    local kargs=()
+    [ -n "$LORDS_AB_BASE_TESTS" ] && kargs=(-k "$LORDS_AB_BASE_TESTS")
+    (cd "$d" && timeout "${LORDS_AB_BASE_TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+      python_tests/test_gpu_cuda.py "${kargs[@]}" > "$OUT/pytest_0_base.log" 2>&1)
+    echo "0_base: GPU tests rc=$? ($(tail -n 1 "$OUT/pytest_0_base.log"))"
+  fi
   if [ "$tag" != 0_base ] && [ "${LORDS_AB_SKIP_TESTS:-0}" != 1 ]; then
     (cd "$d" && env "${envs[@]}" timeout 200 python3 -m pytest -x -q -p no:cacheprovider python_tests/test_gpu_cuda.py \
       -k "$TESTS" > "$OUT/pytest_$name.log" 2>&1)
@@ -84,5 +95,5 @@ run_variant() {
   rm -f "${parts[@]}"
 }
 for tag in "${tags[@]}"; do run_variant "$tag" "$tag"; done
-run_variant 0_base 9_base_again
+[ "${LORDS_AB_AGAIN:-1}" != 0 ] && run_variant 0_base 9_base_again
 python3 bench/ab_table.py "$OUT"/dp_*.json
