@@ -96,4 +96,6 @@ run_variant() {
 }
 for tag in "${tags[@]}"; do run_variant "$tag" "$tag"; done
 [ "${LORDS_AB_AGAIN:-1}" != 0 ] && run_variant 0_base 9_base_again
-python3 bench/ab_table.py "$OUT"/dp_*.json
+python3 bench/ab_table.py "$OUT"/dp_*.json | tee "$OUT/ab_table.md"
+# The device tool returns only a few files: everything but the table goes into one archive.
+(cd "$OUT" && tar czf ab_logs.tgz --remove-files $(ls | grep -v -e '^ab_table.md$' -e '^ab_logs.tgz$'))
