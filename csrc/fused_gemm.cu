@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
       }
     }
   }
-  // Programmatic dependent launch (the host sets it on split-K launches, run() below): this grid may start while
+  // Programmatic dependent launch (the host sets it on split-K and stream-K launches, launch() below): this grid may start while
   // the previous kernel in the stream still runs, on the SMs its blocks leave (a split-K plan of 96 blocks leaves
   // 36 of 132 idle; a tail's cluster reduction leaves more). Nothing that kernel may write (x, the weights, the
   // codebook, bias, y) is read before griddepcontrol.wait; only L2 prefetch hints for the first two superchunks
@@ -631,14 +632,26 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
             for (int c = 0; c < RT; ++c) WgmmaRSTransB<T, 64>::run(sw[h], bf[c], sdesc[h][c], c);
             wgmma_commit();
           }
+          // The look-ups run one k-tile ahead: ncu put 37 % of the 16-token tile's main-loop stall samples on the
+          // pack waiting for them (short scoreboard; session 18); written in k-tile order, ptxas hoisted only half
+          // of k-tile s + 1's shared loads above the wgmma of k-tile s. H100, session 23 (bench/h100/session23/
+          // wip_ab), us before -> after: 16 tokens 4096x14336 stream-K 46.6 -> 45.5, 11008x4096 38.5 -> 38.1,
+          // 4096x4096 16.1 -> 15.9; 64 tokens 4096x14336 57.8 -> 56.9. Not in the stream-K 64-token kernel,
+          // which it took from 20 to 124 bytes of spill (64.0 -> 71.9 us at 14336x4096).
+          constexpr bool kLookAhead = !(SK && NTOK == 64);
+          float lv[2][8];
+          if constexpr (kLookAhead) look_up(lv[0], 0);
 #pragma unroll
           for (int s = 0; s < 8; ++s) {
-            float lv[8];
-            look_up(lv, s);
+            if constexpr (kLookAhead) {
+              if (s + 1 < 8) look_up(lv[(s + 1) % 2], s + 1);
+            } else {
+              look_up(lv[s % 2], s);
+            }
             if (s == 0) wgmma_wait<1>();  // S[0]
             if (s >= 4) wgmma_wait<2>();  // S[1] at s = 4; then main(s - 3) and older
             uint32_t wf[4];
-            scaled_weights(wf, lv, &sw[s / 4][8 * (s % 4)]);
+            scaled_weights(wf, lv[s % 2], &sw[s / 4][8 * (s % 4)]);
             wgmma_fence();
             WgmmaRS<T, NTOK>::run(acc, wf, x_desc<NTOK>(xbase, s));
             wgmma_commit();
@@ -843,18 +856,34 @@ int active_clusters(int splits) {
   return n;
 }
 
+// LORDS_FUSED_PDL=1 / 0 puts the PDL attribute on every launch (stream-K included) / on none, read once per
+// process: for A/B timing of the rule below within one build (ncu serializes kernels, which hides what PDL
+// changes). Unset (or any other value): split-K and stream-K launches.
+int pdl_override() {
+  static const int v = [] {
+    const char* e = std::getenv("LORDS_FUSED_PDL");
+    return e != nullptr && (e[0] == '0' || e[0] == '1') && e[1] == '\0' ? e[0] - '0' : -1;
+  }();
+  return v;
+}
+
 template <typename T, int BITS, int RT, int NTOK, bool SK>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = fused_gemm_kernel<T, BITS, RT, NTOK, SK>;
-  // PDL on split-K launches alone. H100, session 20 (bench/h100/session20/fused_pdl_ab), us without -> with:
+  // PDL on split-K and stream-K launches, not on one split. H100, session 20 (bench/h100/session20/fused_pdl_ab), us without -> with:
   // 4096x4096 r = 32 (3-4 splits) at 8 / 16 / 64 / 256 tokens 16.46 / 16.53 / 18.87 / 27.43 -> 16.06 / 16.14 /
   // 18.60 / 26.98, 1024x4096 r = 12 (8 splits) at 4 / 16 / 64 7.43 / 7.87 / 9.34 -> 7.01 / 7.37 / 8.91; but one split
   // (14336x4096 r = 49, 112 blocks) got slower at every tile, 4 / 16 / 64 / 256 tokens 47.59 / 47.87 / 51.65 / 76.72
   // -> 49.86 / 50.31 / 54.26 / 77.84, as the direct decode kernel's PDL did on that shape (session 15); not profiled.
-  // Stream-K (SK, a.stream_k_blocks > 0, 4 bits): a 1-D grid of that many blocks, clusters of one, no PDL yet.
+  // Stream-K (SK, a.stream_k_blocks > 0, 4 bits): a 1-D grid of that many blocks, clusters of one; its flags and
+  // partial tiles are touched only after griddepcontrol.wait, like y, and every block triggers its dependents only
+  // after its main loop, so all of them are resident before the next grid's blocks can take an SM. H100, session 23
+  // (bench/h100/session23/pdl_ab, LORDS_FUSED_PDL=0 / 1, one block per SM, 16 tokens), us: 14336x4096 50.48 -> 49.81,
+  // 4096x14336 45.51 -> 44.77, 11008x4096 39.00 -> 38.28, 4096x4096 18.96 -> 17.94 (64 tokens 64.9 -> 64.1).
   constexpr bool sk = SK;
+  const bool pdl = pdl_override() >= 0 ? pdl_override() == 1 : sk || a.splits > 1;
   Launch<T, BITS, RT, NTOK, SK> l(sk ? a.stream_k_blocks : (a.N + kRows - 1) / kRows, sk ? 1 : (a.M + NTOK - 1) / NTOK,
-                              sk ? 1 : a.splits, stream, !sk && a.splits > 1);
+                              sk ? 1 : a.splits, stream, pdl);
   const cudaError_t e = cudaLaunchKernelEx(&l.cfg, kernel, static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.B),
                                            static_cast<const T*>(a.A), a.codebook, a.codebook_kind, a.bias,
                                            a.bias_kind, static_cast<T*>(a.y), a.M, a.N, a.K, a.r, a.k_per_split,
@@ -1022,13 +1051,12 @@ size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, in
 // of split-K: with few superchunks per block (4096x4096: 8) the segments' fixed costs win. From 17 tokens (64-token
 // tile) stream-K lost on three of four shapes (session 21).
 constexpr long kSplitWaveSteps = 3, kStreamKFixedSteps = 14;  // in half superchunk steps
-bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms) {
+bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms, const DecodePlan& plan) {
   if (bits != 4 || fused_token_tile(M, r, N, K, sms, bits) != 16 || sms < 1) return false;
   const long tiles = (N + kRows - 1) / kRows, k_super = K / kSuper;
   // Fewer tiles than SMs (otherwise split-K fills the GPU too), and the kernel's 32-bit schedule (units x blocks).
   if (tiles >= sms || (unsigned long long)(tiles * k_super) * (unsigned long long)sms >= (1ull << 32)) return false;
   const long sk_steps = (tiles * k_super + sms - 1) / sms;
-  const DecodePlan plan = fused_gemm_plan(dtype, bits, N, K, M, r, sms);
   const int known = plan.splits == 1 ? sms : pick(dtype, bits, 16, r).clusters(plan.splits);
   const long at_once = std::max<long>(1, known > 0 ? known : sms / plan.splits);
   const long waves = (tiles + at_once - 1) / at_once;

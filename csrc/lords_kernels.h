@@ -103,9 +103,9 @@ void fused_gemm(const DecodeArgs& a, int sms, cudaStream_t stream);
 // for `blocks` blocks (one partial tile each).
 long fused_stream_k_units(int M, int r, long N, long K, int sms, int bits);
 size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, int bits, int blocks);
-// Whether path -1 runs the fused GEMM's 16-token tile on the stream-K schedule (one block per SM) instead of split-K,
-// where it takes the fused GEMM (fused_gemm.cu has the rule and its measurements).
-bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms);
+// Whether path -1 runs the fused GEMM's 16-token tile on the stream-K schedule (one block per SM) instead of `plan`,
+// the split-K plan fused_gemm_plan gave it (fused_gemm.cu has the rule and its measurements).
+bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms, const DecodePlan& plan);
 // Where path -1 takes it (where it fits), 32 < r <= 64: from kFusedMinM (kFusedMinM4 at 4 bits) to 128 tokens where
 // N is large enough that the 128-row blocks fill the GPU without split-K (ceil(N / 128) >= 0.8 x SMs); and where
 // the tiles (128 rows x fused_token_tile tokens) fit one wave and split-K (at most kFusedAutoSplits, clusters

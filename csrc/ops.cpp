@@ -318,7 +318,7 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   // blocks (0: one per SM), at least one per tile (so a block spans at most two tiles, which the kernel runs as two
   // straight-line segments) and at most one per superchunk unit; one partial tile each.
   const bool stream_k = path == 5 || (path == -1 && gemm && splits == 0 &&
-                                      fused_stream_k_preferred(dtype_of(x), bits, N, K, (int)M, r, sms));
+                                      fused_stream_k_preferred(dtype_of(x), bits, N, K, (int)M, r, sms, plan));
   int sk_blocks = 0;
   if (stream_k) {
     const long units = fused_stream_k_units((int)M, r, N, K, sms, bits);

@@ -303,6 +303,48 @@ def test_automatic_path_takes_stream_k_by_rule(N, K, r, M, stream_k):
     assert torch.equal(y, expected)
 
 
+_PDL_SWITCH_CHECK = """
+import torch
+import lords_ext.backends.cuda  # noqa: F401  (loads lords_ext._C, which registers the *_cuda ops)
+from lords_ext.backends import reference
+from lords_ext.formats import get_codebook, pack
+gen = torch.Generator().manual_seed(5)
+N, K, r, bits = 4096, 1024, 32, 4
+q = pack(torch.randint(0, 16, (N, K), generator=gen), bits).cuda()
+B = (torch.rand(N, r, generator=gen) + 0.1).div(r ** 0.5).to("cuda", torch.bfloat16)
+A = (torch.rand(r, K, generator=gen) + 0.1).mul(0.2 / r ** 0.5).to("cuda", torch.bfloat16)
+cb = get_codebook("nf4")[0].cuda()
+x = torch.randn(16, K, generator=gen).to("cuda", torch.bfloat16)
+xs = [torch.randn(16, K, generator=gen).to("cuda", torch.bfloat16) for _ in range(9)]
+ys = []
+for i, v in enumerate(xs):  # back to back, each call after an in-place write of x: one split, three, stream-K
+    x.copy_(v)
+    path, splits = [(4, 1), (4, 3), (5, 0)][i % 3]
+    ys.append(torch.ops.lords.dequant_matmul_cuda(x, q, B, A, cb, None, path, splits))
+torch.cuda.synchronize()
+for v, y in zip(xs, ys):
+    ref = reference.dequant_matmul(v.float(), q, B.float(), A.float(), cb, None)
+    err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 1e-2, err
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_fused_gemm_pdl_switch(pdl):
+    """LORDS_FUSED_PDL=0 / 1 (read once per process, hence a subprocess) turns programmatic dependent launch off /
+    on for every fused GEMM launch, stream-K included: results stay right on launches back to back."""
+    import os
+    import subprocess
+    import sys
+
+    if not fused_gemm_ready():
+        pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
+    out = subprocess.run([sys.executable, "-c", _PDL_SWITCH_CHECK], env={**os.environ, "LORDS_FUSED_PDL": pdl},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_fused_gemm_stream_k_in_a_graph_and_what_it_rejects():
     if not fused_gemm_ready():
         pytest.skip(f"fused GEMM not runnable here ({torch.ops.lords.cuda_features()})")
