@@ -474,7 +474,9 @@ __global__ void __launch_bounds__(block_threads(BITS), 1)
         float* slot = sk_ws + (long)blockIdx.x * (NTOK / 2) * kThreads;
 #pragma unroll
         for (int i = 0; i < NTOK / 2; ++i) __stcg(slot + i * kThreads + ct, acc[i]);
-        __threadfence();
+        // One release by one thread after the barrier publishes every consumer's stores (PTX release is cumulative
+        // over what the barrier ordered before it; CUTLASS's split-K semaphore is the same pattern): the other
+        // threads go on to the next segment without each waiting for a gpu-scope fence of their own.
         consumer_sync();
         if (ct == 0) st_release_gpu(sk_flags + blockIdx.x, 1);
         return;
