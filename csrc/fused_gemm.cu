@@ -1039,20 +1039,25 @@ size_t fused_stream_k_workspace_floats(int M, int r, long N, long K, int sms, in
 }
 
 // Path -1 runs the 16-token tile on the stream-K schedule (one block per SM) where it is estimated faster than the
-// split-K plan, both counted in superchunk steps of one block: split-K takes waves x (superchunks per split +
-// kSplitWaveSteps / 2) (the prologue and the cluster reduction, once per wave), stream-K its superchunks per block
-// + kStreamKFixedSteps / 2 (two segments, the parked partial tile and the wait for it). The two constants are the
-// least-error fit to 18 shapes at 16 tokens, 4 bits, parity rank (H100, session 22, bench/h100/session22/rule_fit:
-// `bench.dequant_paths --ms 16 --stream-k 0 --fused-splits 1,2,3,4,6`), us, split-K plan / stream-K:
-//   taken:     5120x13824 76.9 / 56.9, 4096x14336 53.3 / 46.3, 11008x4096 41.6 / 38.4, 13824x5120 73.6 / 67.7,
-//              12288x4096 44.5 / 41.1, 4096x11008 40.4 / 37.8, 5120x5120 29.6 / 27.6, 4096x8192 30.5 / 29.7
-//   not taken: 2048x8192 15.0 / 19.4, 4096x4096 16.0 / 19.2, 8192x4096 25.2 / 30.3, 3072x8192 22.5 / 25.5,
-//              2560x10240 20.1 / 27.5, 6144x4096 23.9 / 25.4, 3584x18944 50.2 / 51.5, 8192x8192 54.2 / 55.3,
-//              14336x4096 48.0 / 48.1, 7168x7168 46.5 / 45.7 (the one miss, 1.7 %)
-// A wave of split-K costs its superchunks at about the stream-K rate, stream-K ~5.5 superchunks more than one wave
-// of split-K: with few superchunks per block (4096x4096: 8) the segments' fixed costs win. From 17 tokens (64-token
-// tile) stream-K lost on three of four shapes (session 21).
-constexpr long kSplitWaveSteps = 3, kStreamKFixedSteps = 14;  // in half superchunk steps
+// split-K plan, both counted in half superchunk steps of one block: split-K takes waves x (2 x superchunks per split
+// + kSplitWaveSteps) (the prologue and the cluster reduction, once per wave), stream-K 2 x its superchunks per block
+// + kStreamKFixedSteps (two segments) + kStreamKShareSteps per block sharing a tile (SMs / tiles: the finishing block
+// waits for and adds the partials of every block that began its tile). The constants are the least-error fit to 18
+// shapes at 16 tokens, 4 bits, parity rank: every one of them on its faster path (H100, session 23, stream-K with PDL
+// and the single-release park, bench/h100/session23/release_check: `bench.dequant_paths --ms 16 --stream-k 0`), us,
+// split-K plan / stream-K, half steps split-K / stream-K:
+//   taken:     5120x13824 75.0 / 55.2 (111 / 77.6), 4096x14336 51.8 / 43.5, 12288x4096 42.6 / 38.7, 11008x4096
+//              40.9 / 36.2, 13824x5120 72.5 / 65.6, 4096x11008 39.2 / 35.1, 5120x5120 28.3 / 25.2, 4096x8192 29.4 /
+//              27.3 (47 / 45.2), 7168x7168 45.9 / 43.2 (59 / 57.7), 14336x4096 47.9 / 46.5 (67 / 63.4), 6144x4096
+//              23.5 / 23.2 (35 / 34.5)
+//   not taken: 2560x10240 19.9 / 25.8 (23 / 44.2), 2048x8192 14.7 / 17.4, 4096x4096 15.9 / 17.2 (25 / 29.2),
+//              8192x4096 25.3 / 27.8, 8192x8192 53.8 / 53.9 (67 / 73.1), 3072x8192 22.0 / 23.6 (35 / 40),
+//              3584x18944 48.7 / 49.0 (77 / 78.4)
+// Session 22's rule (no sharing term, 7 superchunks fixed; fitted before stream-K had PDL and the single release)
+// left 14336x4096 (3.0 %), 7168x7168 (6.1 %) and 6144x4096 (1.2 %) on split-K in these figures; a fixed cost alone
+// cannot take them without also taking 3072x8192 (7.3 % slower), whose 24 tiles are shared by 5.5 blocks each. From
+// 17 tokens (64-token tile) stream-K lost on three of four shapes (session 21).
+constexpr long kSplitWaveSteps = 3, kStreamKFixedSteps = 5, kStreamKShareSteps = 2;
 bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int r, int sms, const DecodePlan& plan) {
   if (bits != 4 || fused_token_tile(M, r, N, K, sms, bits) != 16 || sms < 1) return false;
   const long tiles = (N + kRows - 1) / kRows, k_super = K / kSuper;
@@ -1062,7 +1067,9 @@ bool fused_stream_k_preferred(DType dtype, int bits, long N, long K, int M, int 
   const int known = plan.splits == 1 ? sms : pick(dtype, bits, 16, r).clusters(plan.splits);
   const long at_once = std::max<long>(1, known > 0 ? known : sms / plan.splits);
   const long waves = (tiles + at_once - 1) / at_once;
-  return waves * (2 * (plan.k_per_split / kSuper) + kSplitWaveSteps) > 2 * sk_steps + kStreamKFixedSteps;
+  const long split_steps = waves * (2 * (plan.k_per_split / kSuper) + kSplitWaveSteps);
+  // split_steps > 2 sk_steps + kStreamKFixedSteps + kStreamKShareSteps x sms / tiles, times tiles (exact in integers).
+  return tiles * (split_steps - 2 * sk_steps - kStreamKFixedSteps) > kStreamKShareSteps * (long)sms;
 }
 
 }  // namespace lords

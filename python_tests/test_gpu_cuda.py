@@ -283,13 +283,13 @@ def test_fused_gemm_stream_k(M, N, K, r, dtype):
 
 @pytest.mark.parametrize("N,K,r,M,stream_k", [
     # Cases whose answer does not depend on how many clusters this GPU runs at once (their plan is one split in one
-    # wave, or no split plan is close): split-K steps waves x (superchunks per split + 1.5) against stream-K's
-    # superchunks per block + 7 (fused_stream_k_preferred).
-    (12288, 4096, 48, 16, True),   # 96 tiles, one split: 33.5 against 24 + 7
+    # wave, or no split plan is close), in half superchunk steps: split-K waves x (2 x superchunks per split + 3)
+    # against stream-K's 2 x superchunks per block + 5 + 2 x SMs / tiles (fused_stream_k_preferred).
+    (12288, 4096, 48, 16, True),   # 96 tiles, one split: 67 against 48 + 5 + 2.75
     (12288, 4096, 48, 13, True),
-    (14336, 4096, 49, 16, False),  # 112 tiles, one split: 33.5 against 28 + 7
-    (4096, 4096, 32, 16, False),   # 3 or 4 splits: at most 12.5 against 8 + 7
-    (2048, 8192, 25, 16, False),
+    (14336, 4096, 49, 16, True),   # 112 tiles, one split: 67 against 56 + 5 + 2.36
+    (4096, 4096, 32, 16, False),   # 3 or 4 splits: at most 25 against 16 + 5 + 8.25
+    (2048, 8192, 25, 16, False),   # 6 splits: 25 against 16 + 5 + 16.5
 ])
 def test_automatic_path_takes_stream_k_by_rule(N, K, r, M, stream_k):
     """Path -1 on the 16-token tile: the stream-K schedule (bit-identical to path 5 on one block per SM) where
