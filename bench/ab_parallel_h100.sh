@@ -24,6 +24,7 @@ mkdir -p "$OUT" build/ab
 BENCH="${LORDS_AB_BENCH:-decode_paths --ms ${LORDS_AB_MS:-1,2,4}}"
 TESTS="${LORDS_AB_TESTS:-fused or stream_k or graph}"
 IFS=';' read -r -a BENCHES <<< "$BENCH"
+source bench/ab_timing.sh
 
 specs=("0_base=" "$@")
 declare -A dir_of env_of patches_of
@@ -64,7 +65,7 @@ fi
 
 # run_variant TAG NAME: tests (except on the base) and every timing module, merged into $OUT/dp_NAME.json.
 run_variant() {
-  local tag=$1 name=$2 d=${dir_of[$1]} j=0 parts=() args
+  local tag=$1 name=$2 d=${dir_of[$1]}
   local -a envs=()
   [ -n "${env_of[$tag]}" ] && envs=("${env_of[$tag]}")
   if ! ls "$d"/lords_ext/*.so > /dev/null 2>&1; then echo "$name: no build in $d"; return; fi
@@ -82,17 +83,7 @@ run_variant() {
     echo "$name: GPU tests rc=$rc ($(tail -n 1 "$OUT/pytest_$name.log"))"
     [ $rc -ne 0 ] && { tail -n 30 "$OUT/pytest_$name.log"; return; }
   fi
-  for b in "${BENCHES[@]}"; do
-    j=$((j + 1))
-    read -r -a args <<< "$b"
-    (cd "$d" && env "${envs[@]}" timeout 200 python3 -m "bench.${args[0]}" "${args[@]:1}" \
-      --json "$OUT/part_${name}_$j.json" >> "$OUT/dp_$name.log" 2>&1)
-    echo "$name: ${args[0]} rc=$?"
-    parts+=("$OUT/part_${name}_$j.json")
-  done
-  python3 -c 'import json,os,sys; json.dump(sum((json.load(open(p)) for p in sys.argv[2:] if os.path.exists(p)), []), open(sys.argv[1], "w"))' \
-    "$OUT/dp_$name.json" "${parts[@]}"
-  rm -f "${parts[@]}"
+  (cd "$d" && time_modules "$name" "${envs[@]}")
 }
 for tag in "${tags[@]}"; do run_variant "$tag" "$tag"; done
 [ "${LORDS_AB_AGAIN:-1}" != 0 ] && run_variant 0_base 9_base_again

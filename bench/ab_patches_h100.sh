@@ -15,26 +15,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/device_build.sh"
 BENCH="${LORDS_AB_BENCH:-decode_paths --ms ${LORDS_AB_MS:-1,2,4}}"
 TESTS="${LORDS_AB_TESTS:-reassoc or matrix}"
 IFS=';' read -r -a BENCHES <<< "$BENCH"
-# time_variant TAG: every timing module of $BENCH, merged into $OUT/dp_TAG.json (log dp_TAG.log).
-time_variant() {
-  local j=0 parts=() args
-  for b in "${BENCHES[@]}"; do
-    j=$((j + 1))
-    read -r -a args <<< "$b"
-    timeout 200 python3 -m "bench.${args[0]}" "${args[@]:1}" --json "$OUT/part_$1_$j.json" >> "$OUT/dp_$1.log" 2>&1
-    echo "$1: ${args[0]} rc=$?"
-    parts+=("$OUT/part_$1_$j.json")
-  done
-  python3 -c 'import json,os,sys; json.dump(sum((json.load(open(p)) for p in sys.argv[2:] if os.path.exists(p)), []), open(sys.argv[1], "w"))' \
-    "$OUT/dp_$1.json" "${parts[@]}"
-  rm -f "${parts[@]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/ab_timing.sh"
 if [ -n "${LORDS_AB_BASE_TESTS:-}" ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider python_tests/test_gpu_cuda.py -k "$LORDS_AB_BASE_TESTS" \
     > "$OUT/pytest_0_base.log" 2>&1
   echo "base: GPU tests rc=$? ($(tail -n 1 "$OUT/pytest_0_base.log"))"
 fi
-time_variant 0_base
+time_modules 0_base
 i=0
 for p in "$@"; do
   i=$((i + 1))
@@ -50,6 +37,6 @@ for p in "$@"; do
   rc=$?
   echo "$p: GPU tests rc=$rc ($(tail -n 1 "$OUT/pytest_$tag.log"))"
   [ $rc -ne 0 ] && { tail -n 30 "$OUT/pytest_$tag.log"; break; }
-  time_variant "$tag"
+  time_modules "$tag"
 done
 python3 bench/ab_table.py "$OUT"/dp_*.json
